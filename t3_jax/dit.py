@@ -1,0 +1,545 @@
+"""The Wan video DiT (Wan2.1 / Wan2.2) in Flax NNX, with T3 window self-attention.
+
+T3-Video changes one thing in a pretrained Wan DiT: the *pattern* of self-attention
+(`t3_jax.attention.t3_attention`, window shape per layer from `t3_jax.schedule`).
+Every parameter, and everything else (cross-attention, FFN, modulation, RoPE, head),
+is Wan's, so pretrained weights load unchanged (`t3_jax.convert`, `load_dit`).
+
+  x = patch_embedding(latents)                      # Conv3d k=s=(1,2,2) as a Linear
+  e = time_embedding(sinusoid(t));  e0 = time_projection(e)   # six modulations
+  c = text_embedding(context)
+  per block:  x += gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)   # T3 windows
+              x += CrossAttn(norm3(x), c)
+              x += gate2 * FFN(LN(x) * (1 + scale2) + shift2)
+  out = unpatchify(head(LN(x) * (1 + scale) + shift))
+
+Block parameters are stacked with a leading [num_layers] axis and run with
+`jax.lax.scan` over *cycles* of the per-layer schedule (period 5 for the published T3
+schedules, 1 for full attention), so each layer keeps its static window shape and
+the compiled program holds one period of layers, not all of them.
+
+Precision: matmuls and attention run in `dtype` (bf16 for real use); norms,
+modulation, the time embedding, RoPE and the head run in float32. The residual
+stream is kept in `dtype`, as in diffusers and DiffSynth (the T3 release).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t3_jax import attention as attention_lib
+from t3_jax import checkpoint as checkpoint_lib
+from t3_jax import schedule as schedule_lib
+
+f32 = jnp.float32
+Triple = tuple[int, int, int]
+
+CONVERT_HINT = "run: python convert_torch_weights.py SOURCE DIR --kind dit"
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Architecture of a Wan DiT (what a checkpoint's config.json stores)."""
+  dim: int = 1536
+  ffn_dim: int = 8960
+  num_heads: int = 12
+  num_layers: int = 30
+  in_channels: int = 16
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # "wan2.1" (VAE stride (4, 8, 8)) or "wan2.2" (VAE stride (4, 16, 16)): decides
+  # which published T3 schedule a derived schedule imitates.
+  family: str = "wan2.1"
+  # Wan2.2-TI2V takes a timestep per token (the first, clean frame gets t = 0).
+  per_token_timesteps: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+    if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+      raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
+    if self.family not in schedule_lib.FAMILY_OF_PRESET:
+      raise ValueError(f"family must be one of {sorted(schedule_lib.FAMILY_OF_PRESET)}, got {self.family!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @property
+  def schedule_family(self) -> str:
+    return schedule_lib.FAMILY_OF_PRESET[self.family]
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["patch_size"] = list(self.patch_size)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "DiTConfig":
+    """Builds a config from a dict, ignoring keys that are not config fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  @classmethod
+  def preset(cls, name: str) -> "DiTConfig":
+    if name not in PRESETS:
+      raise ValueError(f"unknown DiT preset {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "wan2.1-t2v-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "wan2.2-ti2v-5b": DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
+                                in_channels=48, out_channels=48, family="wan2.2",
+                                per_token_timesteps=True),
+    # Tiny models for tests. Head sizes are multiples of 6 (see JAX_NOTES: RoPE split).
+    "tiny-wan2.1": DiTConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32, freq_dim=64),
+    "tiny-wan2.2": DiTConfig(dim=96, ffn_dim=192, num_heads=2, num_layers=2, in_channels=48,
+                             out_channels=48, text_dim=32, freq_dim=64, family="wan2.2",
+                             per_token_timesteps=True),
+}
+
+
+# ------------------------------------------------------------------ fixed embeddings
+
+def timestep_sinusoid(t: jax.Array, dim: int) -> jax.Array:
+  """Wan's sinusoidal timestep embedding: [...] -> [..., dim], [cos, sin] halves, fp32."""
+  half = dim // 2
+  freqs = np.power(10000.0, -np.arange(half, dtype=np.float64) / half).astype(np.float32)
+  angles = t.astype(f32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def rope_pairs(head_dim: int) -> Triple:
+  """Complex pairs of a head given to (frame, row, column): Wan's c - 2(c//3), c//3, c//3."""
+  c = head_dim // 2
+  return (c - 2 * (c // 3), c // 3, c // 3)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_axis_tables(grid: Triple, head_dim: int, theta: float):
+  """Per axis, cos and sin of position * frequency: [n, pairs] each, computed in float64."""
+  tables = []
+  for n, pairs in zip(grid, rope_pairs(head_dim)):
+    inv_freq = 1.0 / theta ** (np.arange(pairs, dtype=np.float64) / pairs)
+    angles = np.outer(np.arange(n, dtype=np.float64), inv_freq)
+    tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+  return tuple(tables)
+
+
+def rope_tables(grid: Triple, head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+  """Wan's 3D RoPE at every token of `grid`: (cos, sin), each [T*H*W, 1, head_dim // 2] fp32.
+
+  Only the small per-axis tables are constants; the full tables are broadcast in the graph.
+  """
+  T, H, W = grid
+  per_axis = _rope_axis_tables(tuple(grid), head_dim, float(theta))
+
+  def full(which):
+    (t, h, w) = (jnp.asarray(tables[which]) for tables in per_axis)
+    parts = [jnp.broadcast_to(t[:, None, None], (T, H, W, t.shape[-1])),
+             jnp.broadcast_to(h[None, :, None], (T, H, W, h.shape[-1])),
+             jnp.broadcast_to(w[None, None, :], (T, H, W, w.shape[-1]))]
+    return jnp.concatenate(parts, axis=-1).reshape(T * H * W, 1, -1)
+
+  return full(0), full(1)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotates consecutive (real, imag) pairs. x: [batch, tokens, heads, head_dim] -> fp32."""
+  cos, sin = rope
+  x = x.astype(f32).reshape(*x.shape[:-1], -1, 2)
+  real, imag = x[..., 0], x[..., 1]
+  out = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+  return out.reshape(*out.shape[:-2], -1)
+
+
+# -------------------------------------------------------------------------- modules
+
+_ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True), "silu": jax.nn.silu}
+
+
+def _dense(in_features, out_features, *, dtype, param_dtype, rngs):
+  return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+
+
+def _layer_norm(dim, eps, affine, *, param_dtype, rngs):
+  # Statistics and output in float32; two-pass variance (as torch) for parity.
+  return nnx.LayerNorm(dim, epsilon=eps, use_bias=affine, use_scale=affine, dtype=f32,
+                       param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """Linear - activation - Linear (Wan's text/time embeddings and FFN)."""
+
+  def __init__(self, in_features, hidden, out_features, activation, *, dtype, param_dtype, rngs):
+    self.fc1 = _dense(in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = _dense(hidden, out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x):
+    return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class Attention(nnx.Module):
+  """Wan attention: q, k, v, o projections; q/k RMSNorm over the whole dim (not per head)."""
+
+  def __init__(self, dim, num_heads, eps, *, dtype, param_dtype, rngs):
+    self.num_heads = num_heads
+    self.dtype = dtype
+    for name in ("q", "k", "v", "o"):
+      setattr(self, name, _dense(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    self.norm_q = nnx.RMSNorm(dim, epsilon=eps, dtype=f32, param_dtype=param_dtype, rngs=rngs)
+    self.norm_k = nnx.RMSNorm(dim, epsilon=eps, dtype=f32, param_dtype=param_dtype, rngs=rngs)
+
+  def _heads(self, x):  # [B, N, dim] -> [B, N, heads, head_dim]
+    return x.reshape(*x.shape[:2], self.num_heads, -1)
+
+  def self_attention(self, x, rope, grid, blocks, attend=None):
+    """T3 window self-attention. x: [batch, T*H*W, dim] -> [batch, T*H*W, dim].
+
+    attend(q, k, v, grid, blocks) -> out, all [batch, tokens, heads, head_dim]; default
+    t3_attention.
+    """
+    q = self._heads(self.norm_q(self.q(x).astype(f32)))
+    k = self._heads(self.norm_k(self.k(x).astype(f32)))
+    v = self._heads(self.v(x))
+    # RoPE before windowing: windows keep their tokens' global positions.
+    q = apply_rope(q, rope).astype(self.dtype)
+    k = apply_rope(k, rope).astype(self.dtype)
+    attend = attend or attention_lib.t3_attention
+    out = attend(q, k, v.astype(self.dtype), grid, blocks)
+    return self.o(out.reshape(x.shape))
+
+  def cross_attention(self, x, context, implementation=None):
+    """Attention of the video tokens over the text. x: [batch, N, dim], context: [batch, L, dim]."""
+    q = self._heads(self.norm_q(self.q(x).astype(f32))).astype(self.dtype)
+    k = self._heads(self.norm_k(self.k(context).astype(f32))).astype(self.dtype)
+    v = self._heads(self.v(context)).astype(self.dtype)
+    return self.o(_dense_attention(q, k, v, implementation).reshape(x.shape))
+
+
+# Above this many logits the XLA cross-attention runs over chunks of queries.
+_MAX_LOGITS = 1 << 27
+
+
+def _dense_attention(q, k, v, implementation):
+  """Full softmax attention with unequal query/key lengths (cross-attention).
+
+  cuDNN where the chosen kernel is cuDNN; otherwise XLA, over chunks of queries when the
+  logits would be large (splash attention wants equal lengths; 512 keys are cheap for XLA).
+  q: [B, N, h, d], k, v: [B, L, h, d] -> [B, N, h, d].
+  """
+  impl = attention_lib.choose_implementation(implementation, q.dtype, q.shape[-1])
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  batch, n, heads, _ = q.shape
+  chunks = 1
+  while batch * heads * (n // chunks) * k.shape[1] > _MAX_LOGITS and chunks < n:
+    chunks += 1
+    while n % chunks:
+      chunks += 1
+  if chunks == 1:
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  qc = jnp.moveaxis(q.reshape(batch, chunks, n // chunks, *q.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda qi: jax.nn.dot_product_attention(qi, k, v, implementation="xla"), qc)
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def _grouped(x, groups):  # [B, N, D] -> [B, G, N/G, D]: tokens that share a timestep
+  return x.reshape(x.shape[0], groups, -1, x.shape[-1])
+
+
+def _modulate(norm, x, shift, scale):
+  """norm(x) * (1 + scale) + shift in fp32. x: [B, N, D]; shift, scale: [B, G, 1, D]."""
+  y = norm(_grouped(x, shift.shape[1]).astype(f32)) * (1 + scale) + shift
+  return y.reshape(x.shape)
+
+
+def _gated_add(x, y, gate):
+  """x + y * gate in fp32, back in x's dtype. gate: [B, G, 1, D]."""
+  groups = gate.shape[1]
+  out = _grouped(x, groups).astype(f32) + _grouped(y, groups).astype(f32) * gate
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """One Wan DiT block, self-attention through T3 windows."""
+
+  def __init__(self, config: DiTConfig, *, dtype, param_dtype, rngs):
+    dim, eps = config.dim, config.eps
+    self.dtype = dtype
+    self.norm1 = _layer_norm(dim, eps, False, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = Attention(dim, config.num_heads, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm3 = _layer_norm(dim, eps, True, param_dtype=param_dtype, rngs=rngs)
+    self.cross_attn = Attention(dim, config.num_heads, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm2 = _layer_norm(dim, eps, False, param_dtype=param_dtype, rngs=rngs)
+    self.ffn = MLP(dim, config.ffn_dim, dim, "gelu_tanh", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.modulation = nnx.Param(
+        (jax.random.normal(rngs.params(), (1, 6, dim), f32) / dim**0.5).astype(param_dtype))
+
+  def __call__(self, x, context, e0, rope, grid: Triple, blocks: Triple, attend=None,
+               implementation=None):
+    """x: [B, N, dim]; context: [B, L, dim]; e0: [B, G, 6, dim] fp32 (G groups of tokens
+    that share a timestep: 1, frames or tokens); rope: (cos, sin) [N, 1, head_dim/2];
+    attend: the self-attention function (see Attention.self_attention); implementation:
+    the cross-attention kernel."""
+    mod = self.modulation[...].astype(f32)[None] + e0                  # [B, G, 6, dim]
+    shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, j, None] for j in range(6))
+
+    h = _modulate(self.norm1, x, shift1, scale1).astype(self.dtype)
+    x = _gated_add(x, self.self_attn.self_attention(h, rope, grid, blocks, attend), gate1)
+    h = self.norm3(x.astype(f32)).astype(self.dtype)
+    x = x + self.cross_attn.cross_attention(h, context, implementation).astype(x.dtype)
+    h = _modulate(self.norm2, x, shift2, scale2).astype(self.dtype)
+    return _gated_add(x, self.ffn(h), gate2)
+
+
+class Head(nnx.Module):
+  """Output head: LN, shift/scale from its modulation + the time embedding, Linear (fp32)."""
+
+  def __init__(self, config: DiTConfig, *, param_dtype, rngs):
+    dim = config.dim
+    self.norm = _layer_norm(dim, config.eps, False, param_dtype=param_dtype, rngs=rngs)
+    self.linear = _dense(dim, config.out_channels * math.prod(config.patch_size), dtype=f32,
+                         param_dtype=param_dtype, rngs=rngs)
+    self.modulation = nnx.Param(
+        (jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5).astype(param_dtype))
+
+  def __call__(self, x, e):
+    """x: [B, N, dim]; e: [B, G, dim] fp32 time embedding -> [B, N, out * prod(patch)] fp32."""
+    mod = self.modulation[...].astype(f32)[None] + e[:, :, None]        # [B, G, 2, dim]
+    return self.linear(_modulate(self.norm, x, mod[:, :, 0, None], mod[:, :, 1, None]))
+
+
+# ---------------------------------------------------------------------------- model
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(attention: str, schedule, grid: Triple, num_layers: int, family: str):
+  """(per-layer block counts, their shortest period), cached per grid."""
+  per_layer = schedule_lib.resolve_schedule(attention, schedule, grid, num_layers, family=family)
+  period = tuple(schedule_lib.cycle(per_layer))
+  assert all(per_layer[i] == period[i % len(period)] for i in range(num_layers))
+  return tuple(per_layer), period
+
+
+def _stacked_blocks(config: DiTConfig, dtype, param_dtype, rngs) -> Block:
+  """One Block whose parameters carry a leading [num_layers] axis."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  return create(rngs)
+
+
+class WanDiT(nnx.Module):
+  """Wan DiT with T3 (or full) self-attention.
+
+  Call: model(latents [B, C, F, H, W], timesteps, context [B, L, text_dim])
+        -> velocity [B, C_out, F, H, W] float32.
+  timesteps (0..1000): [B]; or [B, T*H*W] one per latent token (Wan2.2-TI2V); or
+  [B, G] for any G dividing the token count in flatten order, e.g. G = T latent frames
+  (the same numbers as per token when timesteps are constant per frame, far cheaper).
+  Context: umT5 output; Wan pads it with zeros to 512 tokens (the caller's job).
+  """
+
+  def __init__(self, config: DiTConfig, *, attention: str = "t3", schedule=None,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, remat: str = "none",
+               implementation: str | None = None, window_constraint: Callable | None = None,
+               attention_fn: Callable | None = None, token_constraint: Callable | None = None,
+               rngs: nnx.Rngs):
+    """
+    Args:
+      attention: "t3" (window attention) or "full" (the pretrained model as it was).
+      schedule: for "t3": None (published schedule on its grid, a derived one elsewhere),
+        a published name (see t3_jax.schedule.PUBLISHED), or [(n_t, n_h, n_w), ...]
+        applied cyclically by layer index (or "a,b,c;d,e,f").
+      dtype: compute dtype; param_dtype: parameter dtype.
+      remat: rematerialisation per layer, one of REMAT_POLICIES.
+      implementation: attention kernel (t3_jax.attention.choose_implementation).
+      window_constraint: passed to t3_attention (e.g. a sharding constraint).
+      attention_fn: replaces t3_attention; same signature (q, k, v, grid, blocks,
+        implementation=, window_constraint=), e.g. a sequence-parallel version.
+      token_constraint: f(tokens) applied to the patch tokens [B, T*H*W, C*pt*ph*pw]
+        (e.g. a sharding constraint over the token axis).
+    """
+    if attention not in ("t3", "full"):
+      raise ValueError(f"attention must be 't3' or 'full', got {attention!r}")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    if schedule is not None and not (isinstance(schedule, str) and schedule in schedule_lib.PUBLISHED):
+      schedule = schedule_lib.parse_schedule(schedule)  # hashable tuple of triples
+    self.config = config
+    self.attention = attention
+    self.schedule = schedule
+    self.dtype = dtype
+    self.remat = remat
+    self.implementation = implementation
+    self.window_constraint = window_constraint
+    self.attention_fn = attention_fn
+    self.token_constraint = token_constraint
+
+    dim, kw = config.dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.patch_embedding = _dense(config.in_channels * math.prod(config.patch_size), dim, **kw)
+    self.text_embedding = MLP(config.text_dim, dim, dim, "gelu_tanh", **kw)
+    # Time embedding and projection in float32, as Wan computes them.
+    kw32 = dict(dtype=f32, param_dtype=param_dtype, rngs=rngs)
+    self.time_embedding = MLP(config.freq_dim, dim, dim, "silu", **kw32)
+    self.time_projection = _dense(dim, 6 * dim, **kw32)
+    self.blocks = _stacked_blocks(config, dtype, param_dtype, rngs)
+    self.head = Head(config, param_dtype=param_dtype, rngs=rngs)
+
+  def token_grid(self, latent_shape: Sequence[int]) -> Triple:
+    """(T, H, W) tokens of latents shaped [B, C, F, H, W]."""
+    _, channels, *spatial = latent_shape
+    if channels != self.config.in_channels:
+      raise ValueError(f"latents have {channels} channels, the model takes {self.config.in_channels}")
+    if any(s % p for s, p in zip(spatial, self.config.patch_size)):
+      raise ValueError(f"latent (frames, height, width) {tuple(spatial)} must be multiples of the "
+                       f"patch {self.config.patch_size}")
+    return tuple(s // p for s, p in zip(spatial, self.config.patch_size))
+
+  def layer_schedule(self, grid: Sequence[int]) -> tuple[Triple, ...]:
+    """Block counts (n_t, n_h, n_w) of every layer at this token grid."""
+    return _resolve(self.attention, self.schedule, tuple(grid), self.config.num_layers,
+                    self.config.schedule_family)[0]
+
+  def __call__(self, latents, timesteps, context):
+    cfg = self.config
+    batch = latents.shape[0]
+    grid = self.token_grid(latents.shape)
+    num_tokens = math.prod(grid)
+
+    tokens = patchify(latents, cfg.patch_size)
+    if self.token_constraint is not None:
+      tokens = self.token_constraint(tokens)
+    x = self.patch_embedding(tokens.astype(self.dtype))
+
+    timesteps = jnp.asarray(timesteps)
+    timesteps = timesteps.reshape(batch, -1) if timesteps.ndim == 1 else timesteps
+    if timesteps.ndim != 2 or timesteps.shape[0] != batch or num_tokens % timesteps.shape[1]:
+      raise ValueError(f"timesteps must be [batch] or [batch, G] with G dividing the {num_tokens} "
+                       f"tokens (e.g. G = tokens), got shape {timesteps.shape} for batch {batch}")
+    e = self.time_embedding(timestep_sinusoid(timesteps, cfg.freq_dim))          # [B, G, dim]
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(*e.shape[:2], 6, cfg.dim)  # [B, G, 6, dim]
+
+    context = self.text_embedding(context.astype(self.dtype))
+    rope = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
+    x = self._run_blocks(x, context, e0, rope, grid)
+    return unpatchify(self.head(x, e), grid, cfg.patch_size, cfg.out_channels)
+
+  def _run_blocks(self, x, context, e0, rope, grid):
+    """Scans over cycles of the per-layer schedule; a remainder of layers runs after."""
+    per_layer, period = _resolve(self.attention, self.schedule, grid, self.config.num_layers,
+                                 self.config.schedule_family)
+    graphdef, state = nnx.split(self.blocks)  # every leaf: [num_layers, ...]
+    attend = functools.partial(self.attention_fn or attention_lib.t3_attention,
+                               implementation=self.implementation,
+                               window_constraint=self.window_constraint)
+
+    def layer(blocks, layer_state, x, context, e0, rope):
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, context, e0, rope, grid, blocks, attend, self.implementation)
+
+    def make_layer(blocks, prevent_cse):
+      fn = functools.partial(layer, blocks)
+      policy = REMAT_POLICIES[self.remat]
+      if self.remat == "none":
+        return fn
+      return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+    num_period = len(period)
+    num_cycles, remainder = divmod(len(per_layer), num_period)
+    if num_cycles:
+      in_scan = [make_layer(blocks, prevent_cse=False) for blocks in period]
+
+      def cycle_body(x, cycle_state):
+        for p, fn in enumerate(in_scan):
+          x = fn(jax.tree.map(lambda a: a[p], cycle_state), x, context, e0, rope)
+        return x, None
+
+      cycles = jax.tree.map(
+          lambda a: a[:num_cycles * num_period].reshape(num_cycles, num_period, *a.shape[1:]), state)
+      x, _ = jax.lax.scan(cycle_body, x, cycles)
+    for j in range(remainder):  # fewer than one period of layers
+      i = num_cycles * num_period + j
+      fn = make_layer(per_layer[i], prevent_cse=True)
+      x = fn(jax.tree.map(lambda a: a[i], state), x, context, e0, rope)
+    return x
+
+
+def patchify(latents, patch_size: Sequence[int]):
+  """[B, C, F, H, W] -> [B, T*H'*W', C*pt*ph*pw] (Wan's token order; Conv3d weight order)."""
+  b, c, f, h, w = latents.shape
+  pt, ph, pw = patch_size
+  x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+  x = x.transpose(0, 2, 4, 6, 1, 3, 5, 7)
+  return x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+
+def unpatchify(x, grid: Sequence[int], patch_size: Sequence[int], channels: int):
+  """[B, T*H*W, pt*ph*pw*C] -> [B, C, T*pt, H*ph, W*pw] (head features ordered (pt, ph, pw, C))."""
+  (t, h, w), (pt, ph, pw) = grid, patch_size
+  x = x.reshape(x.shape[0], t, h, w, pt, ph, pw, channels)
+  x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+  return x.reshape(x.shape[0], channels, t * pt, h * ph, w * pw)
+
+
+# ------------------------------------------------------------------------- loading
+
+def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bfloat16,
+             param_dtype=None, implementation: str | None = None, remat: str = "none",
+             window_constraint: Callable | None = None, attention_fn: Callable | None = None,
+             token_constraint: Callable | None = None) -> WanDiT:
+  """A ready WanDiT from a t3-jax DiT checkpoint (made by convert_torch_weights.py).
+
+  param_dtype None keeps the checkpoint's dtype. Other arguments as for WanDiT.
+  """
+  try:
+    config_dict = checkpoint_lib.read_config(ckpt_dir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}; to make a DiT checkpoint, {CONVERT_HINT}") from None
+  if config_dict.get("kind") != "dit":
+    raise ValueError(f"{ckpt_dir} holds a {config_dict.get('kind')!r} checkpoint, not a DiT; "
+                     f"to make one, {CONVERT_HINT}")
+  config = DiTConfig.from_dict(config_dict)
+  stored_dtype = jnp.dtype(config_dict.get("dtype", "float32"))
+  param_dtype = stored_dtype if param_dtype is None else jnp.dtype(param_dtype)
+
+  def build(dtype_of_params):
+    return WanDiT(config, attention=attention, schedule=schedule, dtype=dtype, param_dtype=dtype_of_params,
+                  remat=remat, implementation=implementation, window_constraint=window_constraint,
+                  attention_fn=attention_fn, token_constraint=token_constraint, rngs=nnx.Rngs(0))
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build(stored_dtype)))
+  params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
+  if param_dtype != stored_dtype:
+    params = jax.tree.map(lambda a: a.astype(param_dtype), params)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(param_dtype)))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
