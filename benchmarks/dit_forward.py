@@ -117,6 +117,7 @@ def main(argv=None):
   p.add_argument("--ref", default=None, help="directory written by benchmarks/torch_reference.py")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--no-full", action="store_true", help="skip the full-attention block")
+  p.add_argument("--guided-step", action="store_true", help="also time one CFG denoising step (batch 2)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
 
@@ -149,6 +150,19 @@ def main(argv=None):
       result["torch"] = json.load(f)
     print(f"vs PyTorch reference: rel err {result['rel_err_vs_torch']:.2e}; torch {result['torch']['median_s']:.3f} s", flush=True)
   del out
+
+  if args.guided_step:
+    # One guided denoising step: conditional + unconditional in one batch-2 forward, CFG, Euler.
+    def step(s, x, t, c, c_neg, dsigma):
+      v = nnx.merge(graphdef, s)(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([c, c_neg]))
+      v_c, v_u = jnp.split(v, 2)
+      return (x.astype(jnp.float32) + (v_u + 5.0 * (v_c - v_u)) * dsigma).astype(x.dtype)
+    step = jax.jit(step)
+    result["guided_step_s"], _ = timed(step, state, latents, timestep, context, jnp.zeros_like(context),
+                                       jnp.float32(-0.02), repeats=args.repeats)
+    result["peak_bytes_guided_step"] = peak_bytes()
+    print(f"guided denoising step (batch 2) {result['guided_step_s']:.3f} s, "
+          f"peak {result['peak_bytes_guided_step'] / 2**30:.1f} GiB", flush=True)
 
   matmul = matmul_tflops()
   result["matmul_tflops"] = matmul

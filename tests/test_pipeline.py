@@ -1,0 +1,137 @@
+"""t3_jax.pipeline: the jitted sampling loop against a step-by-step re-run, sizes, errors.
+
+Tiny random models (T3Pipeline.random). The reference calls the DiT eagerly once per step
+and per prompt (conditional and unconditional as two separate batch-1 calls) in a Python
+loop, and does guidance and the Euler update in NumPy, with the release's schedule written
+out from its formula.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from t3_jax import pipeline, umt5
+
+PROMPT = "a red fox running through fresh snow"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  return pipeline.T3Pipeline.random("tiny-wan2.1", seed=0, text_len=16)
+
+
+def euler_reference(pipe, x, cond, uncond, *, steps, shift, guidance):
+  """The sampling loop in Python: one DiT call per pass and step, guidance and Euler in NumPy
+  (float64 schedule). The single forward is jitted only because eager calls retrace the DiT's
+  layer scan every time (about 4 s each on a CPU)."""
+  graphdef, state = nnx.split(pipe.dit)
+  forward = jax.jit(lambda state, x, t, c: nnx.merge(graphdef, state)(x, t, c))
+  u = np.linspace(1.0, 0.0, steps + 1)[:-1]
+  sigmas = np.append(shift * u / (1 + (shift - 1) * u), 0.0)
+  x = np.asarray(x, np.float32)
+  for i in range(steps):
+    t = jnp.full((1,), 1000.0 * sigmas[i], jnp.float32)
+    v_cond = np.asarray(forward(state, jnp.asarray(x), t, jnp.asarray(cond)))
+    v_uncond = np.asarray(forward(state, jnp.asarray(x), t, jnp.asarray(uncond)))
+    v = v_uncond + guidance * (v_cond - v_uncond)
+    x = (x + v * np.float32(sigmas[i + 1] - sigmas[i])).astype(np.float32)
+  return x
+
+
+def test_sampling_loop_equals_step_by_step_rerun(pipe):
+  steps, shift, guidance, seed = 3, 3.0, 4.0, 7
+  traces = pipeline.TRACE_COUNTS["denoise"]
+  out = pipe(PROMPT, height=40, width=56, frames=5, steps=steps, shift=shift, guidance=guidance, seed=seed,
+             crop_to_request=True, return_latents=True, progress=False)
+
+  # Reference: contexts straight from the encoder, noise straight from the PRNG.
+  ids, mask = pipe.tokenizer([PROMPT, pipeline.WAN_NEGATIVE_PROMPT], 16)
+  contexts = np.asarray(umt5.encode_tokens(pipe.text_encoder, jnp.asarray(ids), jnp.asarray(mask)))
+  assert out.shape.latent == (4, 2, 6, 8)  # 5 frames -> 2 latent frames; 48x64 / 8
+  noise = jax.random.normal(jax.random.key(seed), (1, 4, 2, 6, 8), jnp.float32)
+  expected = euler_reference(pipe, noise, contexts[:1], contexts[1:], steps=steps, shift=shift, guidance=guidance)
+
+  err = np.linalg.norm(out.latents - expected) / np.linalg.norm(expected)
+  assert err < 1e-5, err
+  assert np.abs(expected - np.asarray(noise)).mean() > 0.1  # the loop did move the sample
+
+  # 40x56 is generated at 48x64 (multiples of 16) and cropped back to the request.
+  assert out.frames.shape == (5, 40, 56, 3) and out.frames.dtype == np.uint8
+  assert out.shape.generated == (5, 48, 64) and out.shape.requested == (5, 40, 56)
+  for key in ("load_s", "text_s", "compile_s", "denoise_s", "decode_s", "peak_memory_bytes"):
+    assert out.stats[key] >= 0
+  assert out.stats["peak_memory_bytes"] > 0
+
+  # Another seed and no crop: the same compiled loop (no retrace), the uncropped frames.
+  full = pipe.generate(contexts[0], contexts[1], height=40, width=56, frames=5, steps=steps, shift=shift,
+                       guidance=guidance, seed=seed, progress=False)
+  assert pipeline.TRACE_COUNTS["denoise"] == traces + 1
+  assert full.frames.shape == (5, 48, 64, 3)
+  np.testing.assert_array_equal(pipeline.center_crop(full.frames, 40, 56), out.frames)
+  other = pipe.generate(contexts[0], contexts[1], height=48, width=64, frames=5, steps=steps, shift=shift,
+                        guidance=guidance, seed=seed + 1, progress=False, return_latents=True)
+  assert pipeline.TRACE_COUNTS["denoise"] == traces + 1
+  assert not np.allclose(other.latents, out.latents)
+
+
+def test_sizes_round_up_to_the_stride_and_crop_back(pipe):
+  # Wan2.1: VAE stride 8 x patch 2 = 16. 2160 is a multiple of 16, kept; others round up.
+  assert pipe.size_multiple == 16
+  assert pipe.video_shape(2160, 3840, 81).generated == (81, 2160, 3840)
+  assert pipe.video_shape(2170, 3832, 81).generated == (81, 2176, 3840)
+  # The release's 4K grid from a 2160 request: round to 128 (2176 = 17 x 128), crop back.
+  shape = pipe.video_shape(2160, 3840, 81, size_multiple=128)
+  assert shape.generated == (81, 2176, 3840) and shape.requested == (81, 2160, 3840)
+  assert shape.latent[1:] == (21, 272, 480) and pipe.token_grid(shape) == (21, 136, 240)
+  with pytest.raises(ValueError, match="size_multiple must be 0 or a multiple of 16"):
+    pipe.video_shape(2160, 3840, 81, size_multiple=24)
+  with pytest.raises(ValueError, match="height must be a positive integer"):
+    pipe.video_shape(0, 64, 5)
+
+  # Wan2.2: VAE stride 16 x patch 2 = 32, so 2160 -> 2176 as in the release.
+  wan22 = pipeline.T3Pipeline.random("tiny-wan2.2", text_len=16)
+  assert wan22.size_multiple == 32
+  assert wan22.video_shape(2160, 3840, 81).generated == (81, 2176, 3840)
+  assert wan22.token_grid(wan22.video_shape(2160, 3840, 81)) == (21, 68, 120)
+
+  video = np.arange(3 * 2176 * 8 * 3).reshape(3, 2176, 8, 3)
+  cropped = pipeline.center_crop(video, 2160, 8)
+  np.testing.assert_array_equal(cropped, video[:, 8:2168])
+
+
+def test_frames_must_be_4k_plus_1(pipe):
+  for frames in (80, 0, 82):
+    with pytest.raises(ValueError, match=r"frames must be 4k\+1, e.g. 81"):
+      pipe.video_shape(64, 64, frames)
+  with pytest.raises(ValueError, match=r"frames must be 4k\+1, e.g. 81 \(got 80\)"):
+    pipe(PROMPT, height=64, width=64, frames=80, steps=1)  # fails before any work
+  pipe.video_shape(64, 64, 81)
+
+
+def test_missing_checkpoint_names_the_converter_command(tmp_path):
+  dirs = {kind: str(tmp_path / kind) for kind in ("dit", "vae", "umt5")}
+  for present in ([], ["dit"], ["dit", "vae"]):
+    for kind in present:
+      os.makedirs(dirs[kind], exist_ok=True)
+      with open(os.path.join(dirs[kind], "config.json"), "w") as f:
+        json.dump({"kind": kind}, f)
+    missing = next(k for k in ("dit", "vae", "umt5") if k not in present)
+    with pytest.raises(FileNotFoundError) as info:
+      pipeline.T3Pipeline.from_checkpoints(dirs["dit"], dirs["vae"], dirs["umt5"], str(tmp_path / "tok"))
+    message = str(info.value)
+    assert f"python convert_torch_weights.py SOURCE {dirs[missing]} --kind {missing}" in message
+    assert "\n" not in message
+
+
+def test_byte_tokenizer_and_negative_prompt():
+  ids, mask = pipeline.ByteTokenizer()(["ab", "é"], 6)
+  np.testing.assert_array_equal(ids, [[ord("a") + 2, ord("b") + 2, 1, 0, 0, 0], [0xC3 + 2, 0xA9 + 2, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+  # Wan's standard negative prompt: 28 terms separated by full-width commas.
+  terms = pipeline.WAN_NEGATIVE_PROMPT.split("，")
+  assert len(terms) == 28 and terms[0] == "色调艳丽" and terms[-1] == "倒着走"
