@@ -85,7 +85,10 @@ def wan22(tmp_path_factory):
               ref=torch_forward(model, latents, per_token, context), ckpt=str(tmp / "ckpt"))
 
 
-def test_wan21_matches_diffusers(wan21):
+@pytest.mark.parametrize("ffn_chunk_tokens", [None, 16])
+def test_wan21_matches_diffusers(wan21, ffn_chunk_tokens, monkeypatch):
+  if ffn_chunk_tokens:  # the FFN over chunks of tokens, as at 4K
+    monkeypatch.setattr(dit, "FFN_CHUNK_TOKENS", ffn_chunk_tokens)
   model = dit.load_dit(wan21["ckpt"], attention="full", dtype=jnp.float32)
   assert model.config == dit.PRESETS["tiny-wan2.1"]
   out = forward(model, *wan21["inputs"])
@@ -215,3 +218,11 @@ def test_load_dit_errors(tmp_path):
   checkpoint.save_checkpoint(str(tmp_path / "vae"), {"w": np.zeros(2, np.float32)}, {"kind": "vae"})
   with pytest.raises(ValueError, match="'vae' checkpoint, not a DiT.*--kind dit"):
     dit.load_dit(str(tmp_path / "vae"))
+
+
+def test_ffn_over_token_chunks_equals_whole():
+  from t3_jax import dit as dit_lib
+  x = jax.random.normal(jax.random.key(0), (2, 60, 8))
+  fn = lambda h: jnp.tanh(h @ jnp.arange(64.0).reshape(8, 8) / 64)
+  np.testing.assert_allclose(dit_lib._over_token_chunks(fn, x, max_tokens=16), fn(x), rtol=1e-6, atol=1e-6)
+  assert dit_lib._over_token_chunks(fn, x, max_tokens=1000).shape == x.shape
