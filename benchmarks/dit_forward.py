@@ -118,6 +118,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--no-full", action="store_true", help="skip the full-attention block")
   p.add_argument("--guided-step", action="store_true", help="also time one CFG denoising step (batch 2)")
+  p.add_argument("--forward-only", action="store_true", help="only the whole T3 forward (time, memory)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
 
@@ -163,6 +164,13 @@ def main(argv=None):
     result["peak_bytes_guided_step"] = peak_bytes()
     print(f"guided denoising step (batch 2) {result['guided_step_s']:.3f} s, "
           f"peak {result['peak_bytes_guided_step'] / 2**30:.1f} GiB", flush=True)
+
+  if args.forward_only:
+    print(json.dumps(result, indent=1, default=str))
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return 0
 
   matmul = matmul_tflops()
   result["matmul_tflops"] = matmul
