@@ -92,6 +92,9 @@ class Kind:
   detect: Callable[[Mapping[str, Shape], str | None], Detected]
   table: Callable[[Detected], list[Rule]]
   target: Callable[[Detected, np.dtype], dict]
+  # Keys a checkpoint may hold that this model does not use (e.g. the decoder of a
+  # full T5); they are skipped, and said so, instead of being "unexpected".
+  ignored: Callable[[Detected], Sequence[str]] = lambda detected: ()
 
 
 # ------------------------------------------------------------------------- DiT kind
@@ -235,11 +238,83 @@ def dit_target(detected: Detected, dtype) -> dict:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-# The registry: one entry per model kind; None = planned, not yet supported.
+def _not_this_kind(shapes: Mapping[str, Shape], kind: str, name: str, error: Exception) -> ConversionError:
+  guess = _guess_kind(shapes)
+  hint = f"; it looks like a {guess} checkpoint (use --kind {guess})" if guess not in (None, kind) else ""
+  return ConversionError(f"not a {name} checkpoint: {error}{hint}")
+
+
+# ------------------------------------------------------------------------ VAE kind
+# The tables live beside the model (t3_jax.vae.VAE_TORCH_TABLES); layouts "wan"
+# (Wan2.1_VAE.pth, Wan2.2_VAE.pth) and "diffusers" (AutoencoderKLWan).
+
+def detect_vae(shapes: Mapping[str, Shape], preset: str | None = None) -> Detected:
+  from t3_jax import vae
+
+  try:
+    layout = vae.detect_layout(shapes)
+    config = vae.vae_config_from_shapes(shapes)
+  except (ValueError, KeyError) as e:
+    raise _not_this_kind(shapes, "vae", "Wan VAE", e) from None
+  name = next((n for n, c in vae.PRESETS.items() if c == config), None)
+  if preset is not None and preset != name:
+    raise ConversionError(f"the checkpoint is not the {preset!r} VAE (its shapes match {name or 'no preset'})")
+  return Detected(layout=layout, config=vae.checkpoint_config(config), preset=name, model=config)
+
+
+def vae_table(detected: Detected) -> list[Rule]:
+  from t3_jax import vae
+
+  table = vae.VAE_TORCH_TABLES[detected.layout](detected.model)
+  return [Rule(key, "/".join(map(str, path)), vae.TORCH_TRANSFORMS[t]) for key, (path, t) in table.items()]
+
+
+def vae_target(detected: Detected, dtype) -> dict:
+  from flax import nnx
+  from t3_jax import vae
+
+  model = nnx.eval_shape(lambda: vae.WanVAE(detected.model, param_dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+# ----------------------------------------------------------------------- umT5 kind
+# Tables beside the model (t3_jax.umt5.UMT5_TORCH_TABLES); layouts "wan"
+# (models_t5_umt5-xxl-enc-bf16.pth) and "hf" (transformers' UMT5EncoderModel).
+
+_UMT5_TRANSFORMS = {"identity": same, "transpose": linear}
+
+
+def detect_umt5(shapes: Mapping[str, Shape], preset: str | None = None) -> Detected:
+  from t3_jax import umt5
+
+  try:
+    layout = umt5.detect_umt5_layout(shapes)
+    config = umt5.umt5_config_from_shapes(shapes, layout)
+    rules, ignored = umt5.resolve_umt5_table(shapes, layout)
+  except (ValueError, KeyError) as e:
+    raise _not_this_kind(shapes, "umt5", "umT5 encoder", e) from None
+  name = next((n for n, c in umt5.UMT5_PRESETS.items() if c == config), None)
+  if preset is not None and preset != name:
+    raise ConversionError(f"the checkpoint is not {preset!r} (its shapes match {name or 'no preset'})")
+  return Detected(layout=layout, config=config.to_dict(), preset=name, model=(config, rules, ignored))
+
+
+def umt5_table(detected: Detected) -> list[Rule]:
+  return [Rule(key, path, _UMT5_TRANSFORMS[t]) for key, path, t in detected.model[1]]
+
+
+def umt5_target(detected: Detected, dtype) -> dict:
+  from t3_jax import umt5
+
+  return umt5.umt5_param_structs(detected.model[0], dtype)
+
+
+# The registry: one entry per model kind.
 KINDS: dict[str, Kind | None] = {
     "dit": Kind(detect=detect_dit, table=dit_table, target=dit_target),
-    "vae": None,
-    "umt5": None,
+    "vae": Kind(detect=detect_vae, table=vae_table, target=vae_target),
+    "umt5": Kind(detect=detect_umt5, table=umt5_table, target=umt5_target,
+                 ignored=lambda detected: detected.model[2]),
 }
 
 
@@ -508,6 +583,9 @@ def convert(source: str, output_dir: str, kind: str = "dit", dtype: str = "bf16"
     raw_key = strip_prefixes(src.shapes)
     shapes = {k: src.shapes[raw] for k, raw in raw_key.items()}
     detected = spec.detect(shapes, model)
+    if ignored := set(spec.ignored(detected)):
+      log.warning("skipping %d tensors the %s does not use (e.g. %s)", len(ignored), kind, sorted(ignored)[0])
+      shapes = {k: v for k, v in shapes.items() if k not in ignored}
     target = dict(_flatten(spec.target(detected, np_dtype)))
     what = f"a {detected.preset or kind} ({detected.layout} layout)"
     slots = plan(spec.table(detected), target, shapes, what)

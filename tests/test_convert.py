@@ -212,8 +212,9 @@ def _bad_output_parent_is_a_file(wan, tmp):
       tmp / "file" / "ckpt"
 
 
-def _bad_kind_not_supported(wan, tmp):
-  return [wan["tmp"] / "model.safetensors", "--kind", "vae"], r"--kind vae is not yet supported.*supported: dit"
+def _bad_dit_given_as_vae(wan, tmp):
+  return [wan["tmp"] / "model.safetensors", "--kind", "vae"], (
+      r"not a Wan VAE checkpoint: .*looks like a dit checkpoint \(use --kind dit\)")
 
 
 def _bad_wrong_preset(wan, tmp):
@@ -223,7 +224,7 @@ def _bad_wrong_preset(wan, tmp):
 
 BAD_INPUTS = [_bad_truncated_safetensors, _bad_truncated_pth, _bad_wrong_model, _bad_missing_keys,
               _bad_unexpected_and_misshaped, _bad_folder_without_checkpoint,
-              _bad_folder_with_shards_but_no_index, _bad_output_parent_is_a_file, _bad_kind_not_supported,
+              _bad_folder_with_shards_but_no_index, _bad_output_parent_is_a_file, _bad_dit_given_as_vae,
               _bad_wrong_preset]
 
 
