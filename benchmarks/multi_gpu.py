@@ -55,7 +55,9 @@ def forward_on(mesh, model_state, graphdef_fn, inputs):
   inputs = jax.device_put(inputs, batch_sharding)
   out_sharding = sharding.logical_sharding(mesh, "batch", None, None, None, None)
   f = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c), out_shardings=out_sharding)
-  return (lambda: f(state, *inputs)), f.lower(state, *inputs).compile()
+  with sharding.dit_sequence_parallel(mesh):  # the trace: per-device cross-attention and FFN chunks
+    compiled = f.lower(state, *inputs).compile()
+  return (lambda: compiled(state, *inputs)), compiled
 
 
 def main(argv=None):
@@ -77,11 +79,8 @@ def main(argv=None):
   print(f"{args.preset} grid {grid} on {len(devices)} x {devices[0].device_kind}", flush=True)
 
   def build(mesh):
-    seq = mesh is not None and sharding.axis_size(mesh, "tokens") > 1
-    return dit.WanDiT(
-        config, attention="t3", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-        attention_fn=sharding.sharded_t3_attention(mesh) if seq else None,
-        token_constraint=(lambda x: sharding.constrain(x, mesh, "batch", "tokens", None)) if seq else None)
+    return dit.WanDiT(config, attention="t3", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+                      **sharding.dit_kwargs(mesh))
 
   _, state = nnx.split(nnx.eval_shape(lambda: build(None)))
   state = jax.tree.map(lambda s: jnp.asarray(

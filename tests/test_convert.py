@@ -21,6 +21,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
+import t3_jax
 from t3_jax import checkpoint, convert, dit
 
 diffusers = pytest.importorskip("diffusers")
@@ -124,7 +125,7 @@ def test_original_layout_pth_matches_diffusers(wan, tmp_path, capsys):
                            "--model", "tiny-wan2.1"], capsys)
   assert rc == 0, err
   assert checkpoint.read_config(tmp_path / "ckpt")["source_layout"] == "original"
-  model = dit.load_dit(str(tmp_path / "ckpt"), attention="full", dtype=jnp.float32)
+  model = t3_jax.load_dit(str(tmp_path / "ckpt"), attention="full", dtype=jnp.float32)  # the public entry
   assert rel_err(forward(model, *wan["inputs"]), wan["ref"]) < TOL
 
 

@@ -1,0 +1,527 @@
+"""Device mesh, logical axis rules, and T3 window attention over a sharded sequence.
+
+One mesh spans every device of every host, with four named axes (all Auto, so XLA's
+SPMD partitioner places what the rules don't pin down):
+
+  data      pure data parallelism: a replica of the parameters per index
+  fsdp      data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  sequence  the video's tokens split across devices (4K: 685,440 tokens)
+  tensor    optional head / MLP-hidden parallelism (size 1 unless asked for)
+
+Parameters are sharded over fsdp x sequence (the devices that hold different data),
+on their largest dimension that divides; activations follow LOGICAL_AXIS_RULES.
+
+Window attention on a sequence-sharded video (`sharded_t3_attention`): every window
+is independent, so each device receives whole windows, attends locally and sends the
+outputs back; no device ever holds the whole sequence. The token -> (window, slot)
+maps are arithmetic (the same maps `t3_jax.windows` builds by reshape), so the
+re-layout is a static permutation computed in the graph: items are packed per
+destination and exchanged with one all-to-all or one collective-permute per device
+offset, whichever (with contiguous or strided placement of windows on devices) needs the
+smallest buffer. Windows whose count doesn't divide the devices are split further by
+head groups (frames x head groups: 21 x 3 = 63 units on 64 devices) and the rest padded
+with all-zero units, which attend to zeros and are dropped.
+
+The DiT takes the sharded attention through WanDiT(**dit_kwargs(mesh)); the rest of its
+sequence parallelism (cross-attention, FFN chunks, activation constraints) is applied while
+tracing inside `dit_sequence_parallel(mesh)`. `collectives_in(compiled.as_text())` counts
+the collectives XLA compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from t3_jax import attention as t3_attention_lib
+from t3_jax import windows
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# The one table from logical axis names to mesh axes (None: replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),   # examples: data parallel over data x fsdp
+    ("tokens", "sequence"),        # the video's latent tokens
+    ("windows", "sequence"),       # window units after the re-layout (sharded_t3_attention)
+    ("heads", "tensor"),
+    ("mlp", "tensor"),             # FFN hidden
+    ("embed", None),               # model width of activations
+    ("text", None),                # context tokens (512): small, replicated
+    ("layers", None),              # stacked block parameters: scanned, never sharded
+    ("params", ("fsdp", "sequence")),  # the dimension a parameter is sharded on
+)
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over all devices (all hosts): axes (data, fsdp, sequence, tensor).
+
+  One size may be -1: it takes the remaining devices. Axis types are Auto so that
+  jitted code with sharded contracting dimensions is partitioned, not rejected.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(data), int(fsdp), int(sequence), int(tensor)]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes (data, fsdp, sequence, tensor) = {tuple(sizes)}: use positive sizes and at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices can't be split into mesh {tuple(sizes)}: choose sizes whose product divides the device count")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}: set one size to -1")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_from_config(config) -> Mesh:
+  """Mesh from a ConfigDict with fields data, fsdp, sequence, tensor."""
+  return make_mesh(config.get("data", 1), config.get("fsdp", -1), config.get("sequence", 1), config.get("tensor", 1))
+
+
+def _mesh_axes(mesh: Mesh, logical: str | None):
+  """Mesh axes of a logical name, dropping axes of size 1 (or absent)."""
+  if logical is None:
+    return None
+  if logical not in _RULES:
+    raise ValueError(f"unknown logical axis {logical!r}: add it to LOGICAL_AXIS_RULES")
+  axes = _RULES[logical]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def logical_to_spec(mesh: Mesh, logical_axes: Sequence[str | None]) -> P:
+  """PartitionSpec for an array whose dimensions have these logical names."""
+  return P(*(_mesh_axes(mesh, name) for name in logical_axes))
+
+
+def logical_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
+  """e.g. logical_sharding(mesh, "batch", "tokens", "embed")."""
+  return NamedSharding(mesh, logical_to_spec(mesh, logical_axes))
+
+
+def axis_size(mesh: Mesh, logical: str) -> int:
+  axes = _mesh_axes(mesh, logical)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def constrain(x, mesh: Mesh | None, *logical_axes: str | None):
+  """with_sharding_constraint by logical names; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, *logical_axes))
+
+
+# --- Parameters: fsdp over the largest dimension. ---
+
+def param_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False) -> P:
+  """Shards the largest dimension that divides the fsdp x sequence size.
+
+  stacked: the leading axis is the [num_layers] axis of scanned blocks; it stays
+  whole (the scan slices it, and a sharded slice would all-gather every layer).
+  Falls back to fsdp alone, then to replication, when nothing divides.
+  """
+  full = _mesh_axes(mesh, "params")
+  candidates = [full]
+  if isinstance(full, tuple):  # try the single axes too, the larger first
+    candidates += sorted(full, key=lambda a: -mesh.shape[a])
+  first = 1 if stacked and len(shape) > 1 else 0
+  dims = sorted(range(first, len(shape)), key=lambda d: -shape[d])
+  for axes in candidates:
+    if axes is None:
+      break
+    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    for d in dims:
+      if shape[d] % size == 0 and shape[d] >= size:
+        spec = [None] * len(shape)
+        spec[d] = axes
+        return P(*spec)
+  return P()
+
+
+def _is_stacked(path) -> bool:
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return any(n == "blocks" for n in names)
+
+
+def param_shardings(params, mesh: Mesh):
+  """NamedShardings for a parameter tree (arrays or ShapeDtypeStructs).
+
+  Leaves under a "blocks" key are stacked [num_layers, ...] and keep that axis whole.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, param_spec(np.shape(x), mesh, _is_stacked(path))), params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shardings(batch, mesh: Mesh):
+  """Every batch array split over "batch" on its leading axis, the rest replicated."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(mesh, ["batch"] + [None] * (np.ndim(x) - 1))), batch)
+
+
+# --- T3 attention over a sequence-sharded video. ---
+
+def _axis_maps(i, size: int, n: int, remote: bool):
+  """Per axis of the grid: window index a, slot b, and the window's real extent v(a).
+
+  Works on NumPy or jnp integer arrays. Real tokens of a window form a box, so the
+  slot of a token among its window's real tokens (real first, (b_t, b_h, b_w) order,
+  as windows.window_indices lays them out) is arithmetic.
+  """
+  w = -(-size // n)
+  if remote:  # i = b * n + a; window a holds ceil((size - a) / n) real tokens
+    a, b = i % n, i // n
+    v = (size - a + n - 1) // n
+  else:       # i = a * w + b; the last window may be short
+    a, b = i // w, i % w
+    v = np.minimum(w, size - a * w) if isinstance(i, np.ndarray) else jnp.minimum(w, size - a * w)
+  return a, b, v
+
+
+def token_window_slot(token, grid, blocks, remote: bool):
+  """Flat token index -> (window, slot) of a close/remote partition (NumPy or jnp)."""
+  T, H, W = grid
+  t, h, w = token // (H * W), (token // W) % H, token % W
+  (at, bt, vt), (ah, bh, vh), (aw, bw, vw) = (
+      _axis_maps(i, g, n, remote) for i, g, n in zip((t, h, w), grid, blocks))
+  window = (at * blocks[1] + ah) * blocks[2] + aw
+  slot = (bt * vh + bh) * vw + bw
+  return window, slot
+
+
+def _place(unit, units_per_device: int, devices: int, strided: bool):
+  """Window unit -> (device, index on that device). Contiguous: blocks of units per
+  device; strided: unit u on device u % devices (spreads every device's needs over
+  the whole sequence, which balances an all-to-all)."""
+  if strided:
+    return unit % devices, unit // devices
+  return unit // units_per_device, unit % units_per_device
+
+
+@functools.lru_cache(maxsize=128)
+def _relayout_plan(grid, blocks, remote: bool, devices: int, heads: int, collective: str):
+  """Static plan of the token -> window-unit exchange for one partition.
+
+  A unit is (window, head group); units are placed contiguously or strided over the
+  devices, and exchanged with one all-to-all (buffer: devices x the largest
+  device-to-device count) or one collective-permute per device offset (buffer: the
+  largest count per offset); the cheapest buffer wins ("auto"; all-to-all within 10%).
+  Returns a dict: groups, units_per_device, tokens_per_window, strided, shifts and
+  sizes (per offset), max_size, lengths [devices * units_per_device] (real tokens
+  per unit in unit order; padding units count as full: they attend to zeros),
+  padded (grid padded), use_all_to_all, padded_units, buffer (items per device).
+  """
+  if collective not in ("auto", "all_to_all", "ppermute"):
+    raise ValueError(f"collective must be 'auto', 'all_to_all' or 'ppermute', got {collective!r}")
+  num_tokens = math.prod(grid)
+  nw = windows.num_windows(blocks)
+  L = math.prod(windows.window_shape(grid, blocks))
+  # Head groups: the fewest that keep padding units under 5% (else the least padding).
+  options = [g for g in range(1, heads + 1) if heads % g == 0]
+  waste = lambda g: (-(-nw * g // devices) * devices - nw * g) / (nw * g)
+  groups = min(options, key=lambda g: (waste(g) > 0.05, g if waste(g) <= 0.05 else waste(g)))
+  units = nw * groups
+  upd = -(-units // devices)
+  token = np.arange(num_tokens, dtype=np.int64)
+  window, _ = token_window_slot(token, grid, blocks, remote)
+  unit = (window[:, None] * groups + np.arange(groups)[None, :]).reshape(devices, -1)  # [src, C*G]
+  candidates = []
+  for strided in (False, True):
+    dest, _ = _place(unit, upd, devices, strided)
+    shift = (dest - np.arange(devices)[:, None]) % devices
+    counts = np.stack([np.bincount(s, minlength=devices) for s in shift])  # [src, offset]
+    sizes = counts.max(axis=0)
+    for all_to_all in (True, False):
+      if devices == 1 and all_to_all:
+        continue
+      if collective != "auto" and all_to_all != (collective == "all_to_all") and devices > 1:
+        continue
+      buffer = devices * int(sizes.max()) if all_to_all else int(sizes.sum())
+      candidates.append((buffer / (1.1 if all_to_all else 1.0), buffer, strided, all_to_all, sizes))
+  _, buffer, strided, use_all_to_all, sizes = min(candidates, key=lambda c: c[:1])
+  shifts = tuple(int(k) for k in np.nonzero(sizes)[0])
+  _, lengths = windows.window_indices(tuple(grid), tuple(blocks), remote)
+  unit_lengths = np.full(upd * devices, L, np.int32)
+  unit_lengths[:units] = np.repeat(lengths, groups)
+  return dict(groups=groups, units_per_device=upd, tokens_per_window=L, strided=strided, shifts=shifts,
+              sizes=tuple(int(sizes[k]) for k in shifts), max_size=int(sizes.max()),
+              lengths=unit_lengths, padded=windows.is_padded(grid, blocks),
+              use_all_to_all=use_all_to_all, padded_units=upd * devices - units, buffer=buffer)
+
+
+def _pack(x, token, grid, blocks, remote, plan, axis, devices):
+  """Inside shard_map: this device's tokens -> its window units.
+
+  x: [B, C, G, ...] local tokens by head group; token: [C] global indices.
+  Returns (windows [B, units_per_device, L, ...], route) where route lets
+  `_unpack` send results back along the same paths.
+  """
+  me = jax.lax.axis_index(axis)
+  batch, local, groups = x.shape[:3]
+  upd, L = plan["units_per_device"], plan["tokens_per_window"]
+  window, slot = token_window_slot(token, grid, blocks, remote)
+  unit = window[:, None] * groups + jnp.arange(groups)[None, :]        # [C, G]
+  dest, index = _place(unit, upd, devices, plan["strided"])
+  target = (index * L + slot[:, None]).reshape(-1)                      # slot on the receiver
+  shift = ((dest - me) % devices).reshape(-1)
+  items = local * groups
+  order = jnp.argsort(shift, stable=True).astype(jnp.int32)             # items grouped by shift
+  counts = jnp.bincount(shift, length=devices)
+  starts = jnp.cumsum(counts) - counts
+  order = jnp.concatenate([order, jnp.full((plan["max_size"],), items, jnp.int32)])
+  x = x.reshape(batch, items, *x.shape[3:])
+  x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)            # row `items`: zeros
+  target = jnp.concatenate([target, jnp.array([upd * L])]).astype(jnp.int32)  # dummy slot
+
+  def select(k, size):  # the items for shift k, padded to the static size
+    idx = jax.lax.dynamic_slice(order, (starts[k],), (size,))
+    return jnp.where(jnp.arange(size) < counts[k], idx, items)
+
+  if plan["use_all_to_all"]:
+    size = plan["max_size"]
+    send = jnp.stack([select(k, size) for k in range(devices)])         # [shift, M]
+    send = jnp.roll(send, me, axis=0)                                   # -> [destination, M]
+    payload = jax.lax.all_to_all(x[:, send], axis, 1, 1, tiled=False)   # [B, source, M, ...]
+    slots = jax.lax.all_to_all(target[send], axis, 0, 0, tiled=False)   # [source, M]
+    received, slots = payload.reshape(batch, -1, *x.shape[2:]), slots.reshape(-1)
+    sent = send.reshape(-1)
+  else:
+    sends = [select(k, size) for k, size in zip(plan["shifts"], plan["sizes"])]
+    perm = lambda k: [(i, (i + k) % devices) for i in range(devices)]
+    move = lambda a, k: a if k == 0 else jax.lax.ppermute(a, axis, perm(k))
+    received = jnp.concatenate([move(x[:, s], k) for s, k in zip(sends, plan["shifts"])], axis=1)
+    slots = jnp.concatenate([move(target[s], k) for s, k in zip(sends, plan["shifts"])])
+    sent = jnp.concatenate(sends)
+  buffer = jnp.zeros((batch, upd * L + 1, *x.shape[2:]), x.dtype).at[:, slots].set(received)
+  out = buffer[:, :-1].reshape(batch, upd, L, *x.shape[2:])
+  return out, (sent, slots, items)
+
+
+def _unpack(out, route, plan, axis, devices):
+  """Inverse of `_pack` for the attention output: [B, upd, L, ...] -> [B, C*G, ...]."""
+  sent, slots, items = route
+  batch = out.shape[0]
+  flat = out.reshape(batch, -1, *out.shape[3:])
+  flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
+  back = flat[:, slots]
+  if plan["use_all_to_all"]:
+    back = back.reshape(batch, devices, -1, *back.shape[2:])
+    back = jax.lax.all_to_all(back, axis, 1, 1, tiled=False).reshape(batch, -1, *back.shape[3:])
+  else:
+    pieces, start = [], 0
+    for k, size in zip(plan["shifts"], plan["sizes"]):
+      piece = back[:, start:start + size]
+      start += size
+      if k:
+        piece = jax.lax.ppermute(piece, axis, [((i + k) % devices, i) for i in range(devices)])
+      pieces.append(piece)
+    back = jnp.concatenate(pieces, axis=1)
+  tokens = jnp.zeros((batch, items + 1, *out.shape[3:]), out.dtype).at[:, sent].set(back)
+  return tokens[:, :items]
+
+
+def sharded_t3_attention(mesh: Mesh, collective: str = "auto") -> Callable:
+  """t3_attention for q, k, v sharded [batch, tokens, heads, head_dim] over
+  ("batch", "tokens", "heads", None); same signature and result as
+  `t3_jax.attention.t3_attention`.
+
+  Each device re-lays its tokens so that it holds whole window units, attends
+  locally with `attention.attend`, and sends the outputs back. collective: "auto"
+  (all-to-all when the exchange is balanced, else collective-permutes), "all_to_all"
+  or "ppermute".
+  """
+  devices = axis_size(mesh, "tokens")
+  spec = logical_to_spec(mesh, ("batch", "tokens", "heads", None))
+  axis = _mesh_axes(mesh, "tokens")
+  if isinstance(axis, tuple):
+    raise ValueError(f"sharded_t3_attention needs one mesh axis for tokens, got {axis}")
+
+  def attention(q, k, v, grid, blocks, implementation=None, **unused):
+    grid, blocks = tuple(int(g) for g in grid), tuple(int(n) for n in blocks)
+    windows.check_blocks(grid, blocks)
+    num_tokens = math.prod(grid)
+    if q.shape[1] != num_tokens:
+      raise ValueError(f"q has {q.shape[1]} tokens, but grid {grid} has {num_tokens}")
+    if devices == 1:
+      return t3_attention_lib.t3_attention(q, k, v, grid, blocks, implementation)
+    if num_tokens % devices:
+      raise ValueError(f"{num_tokens} tokens don't split over {devices} sequence shards: choose a sequence axis size dividing the token count")
+    local_heads = q.shape[2] // axis_size(mesh, "heads")
+    parts = [False] if windows.partitions_coincide(grid, blocks) else [False, True]
+    plans = [_relayout_plan(grid, blocks, remote, devices, local_heads, collective) for remote in parts]
+
+    def body(q, k, v):
+      batch, local = q.shape[:2]
+      me = jax.lax.axis_index(axis)
+      token = me * local + jnp.arange(local)
+      qkv = jnp.stack([q, k, v], axis=3)                                # [B, C, h, 3, d]
+      units, routes, lengths = [], [], []
+      for remote, plan in zip(parts, plans):
+        g = plan["groups"]
+        x = qkv.reshape(batch, local, g, -1, 3, qkv.shape[-1])          # [B, C, G, h/G, 3, d]
+        packed, route = _pack(x, token, grid, blocks, remote, plan, axis, devices)
+        units.append(packed)                                            # [B, upd, L, h/G, 3, d]
+        routes.append(route)
+        upd = plan["units_per_device"]
+        table = jnp.asarray(plan["lengths"])  # this device's units: contiguous or strided
+        lengths.append(table.reshape(upd, devices)[:, me] if plan["strided"] else
+                       jax.lax.dynamic_slice(table, (me * upd,), (upd,)))
+      # Partitions with the same head-group split and window size run in one kernel call.
+      same = len(units) == 2 and units[0].shape == units[1].shape
+      groups_of_calls = [units] if same else [[u] for u in units]
+      lengths_of_calls = [lengths] if same else [[l] for l in lengths]
+      outs = []
+      for call, lens in zip(groups_of_calls, lengths_of_calls):
+        x = jnp.concatenate(call, axis=1)                               # [B, units, L, hg, 3, d]
+        fold = lambda i: x[..., i, :].reshape(-1, *x.shape[2:4], x.shape[-1])
+        lens = jnp.tile(jnp.concatenate(lens), batch) if plans[0]["padded"] else None
+        out = t3_attention_lib.attend(fold(0), fold(1), fold(2), lengths=lens, implementation=implementation)
+        outs += jnp.split(out.reshape(x.shape[:4] + x.shape[-1:]), len(call), axis=1)
+      results = []
+      for out, route, plan in zip(outs, routes, plans):
+        tokens = _unpack(out, route, plan, axis, devices)                # [B, C*G, hg, d]
+        results.append(tokens.reshape(batch, local, -1, q.shape[-1]).astype(jnp.float32))
+      mean = results[0] if len(results) == 1 else (results[0] + results[1]) * 0.5
+      return mean.astype(q.dtype)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+  return attention
+
+
+def describe_relayout(grid, blocks, devices: int, heads: int, collective: str = "auto") -> list[dict]:
+  """Human-readable plan per partition (for logs and docs)."""
+  parts = [False] if windows.partitions_coincide(grid, blocks) else [False, True]
+  out = []
+  for remote in parts:
+    plan = _relayout_plan(tuple(grid), tuple(blocks), remote, devices, heads, collective)
+    out.append(dict(partition="remote" if remote else "close", windows=windows.num_windows(blocks),
+                    head_groups=plan["groups"], units_per_device=plan["units_per_device"],
+                    padded_units=plan["padded_units"],
+                    placement="strided" if plan["strided"] else "contiguous",
+                    collective="all_to_all" if plan["use_all_to_all"] else f"ppermute x{sum(1 for k in plan['shifts'] if k)}",
+                    buffer_items_per_device=plan["buffer"],
+                    items_per_device=math.prod(grid) * plan["groups"] // devices))
+  return out
+
+
+def collectives_in(compiled_text: str) -> dict[str, int]:
+  """Counts collective ops in compiled HLO text (compiled.as_text())."""
+  names = ("all-to-all", "collective-permute", "all-gather", "all-reduce", "reduce-scatter")
+  counts = {}
+  for name in names:
+    # Count op instances ("= f32[...] all-gather(" / "-start(" for async forms).
+    n = sum(1 for line in compiled_text.splitlines()
+            if f" {name}(" in line or f" {name}-start(" in line)
+    if n:
+      counts[name] = n
+  return counts
+
+
+# --- Hooks into the DiT (trace time). ---
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+  log.warning(message)
+
+
+def sharded_cross_attention(mesh: Mesh, dense_attention: Callable) -> Callable:
+  """Cross-attention with the video tokens sharded: each device attends its own queries
+  to the (replicated) text keys. Without this, the DiT's chunked query loop would make
+  XLA gather query chunks across devices."""
+  q_spec = logical_to_spec(mesh, ("batch", "tokens", "heads", None))
+  kv_spec = logical_to_spec(mesh, ("batch", "text", "heads", None))
+
+  def attention(q, k, v, implementation):
+    body = lambda q, k, v: dense_attention(q, k, v, implementation)
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+
+  return attention
+
+
+def sharded_token_chunks(mesh: Mesh, default_max_tokens: int) -> Callable:
+  """fn over [B, N, D] token-wise in sequential chunks of each device's own tokens.
+
+  The DiT's FFN runs over chunks of tokens to bound memory; chunks of the *global* token
+  axis would each live on one device and be gathered. Here chunk c holds the c-th slice
+  of every device's tokens: [B, S, chunks, N/(S*chunks), D], sharded over S.
+  """
+  shards = axis_size(mesh, "tokens")
+  tokens = lambda x: constrain(x, mesh, "batch", "tokens", None)
+
+  def over_token_chunks(fn, x, max_tokens=None):
+    max_tokens = max_tokens or default_max_tokens
+    batch, n = x.shape[:2]
+    local = n // shards
+    chunks = -(-local // max_tokens)
+    while local % chunks:
+      chunks += 1
+    if chunks == 1:
+      return tokens(fn(tokens(x)))
+    pinned = lambda a: constrain(a, mesh, "batch", "tokens", None, None)
+    xs = pinned(x.reshape(batch, shards, chunks, local // chunks, *x.shape[2:]))
+    out = jax.lax.map(lambda xi: pinned(fn(pinned(xi))), jnp.moveaxis(xs, 2, 0))  # [chunks, B, S, n', D']
+    return tokens(jnp.moveaxis(out, 0, 2).reshape(batch, n, *out.shape[4:]))
+
+  return over_token_chunks
+
+
+def dit_kwargs(mesh: Mesh | None, collective: str = "auto") -> dict:
+  """WanDiT constructor arguments for sequence parallelism over `mesh` ({} without it):
+  self-attention through `sharded_t3_attention`, patch tokens pinned to ("batch", "tokens")."""
+  if mesh is None or axis_size(mesh, "tokens") == 1:
+    return {}
+  return {"attention_fn": sharded_t3_attention(mesh, collective),
+          "token_constraint": lambda x: constrain(x, mesh, "batch", "tokens", None)}
+
+
+@contextlib.contextmanager
+def dit_sequence_parallel(mesh: Mesh | None):
+  """While tracing the DiT (built with `dit_kwargs`): cross-attention per device
+  (`sharded_cross_attention`), the FFN's token chunks per device
+  (`sharded_token_chunks`), and the modulated inputs and residual stream pinned to
+  ("batch", "tokens", None): then everything between the attention calls runs on each
+  device's own tokens, and XLA all-gathers the fsdp-sharded weights at each use instead
+  of moving activations to match the weights' sharding.
+
+  A no-op without a mesh or with a sequence axis of size 1. WanDiT takes no arguments
+  for these, so this swaps four `t3_jax.dit` module functions during the trace only.
+  """
+  if mesh is None or axis_size(mesh, "tokens") == 1:
+    yield
+    return
+  from t3_jax import dit  # late: dit imports attention, not sharding
+  _say_once("sequence parallelism: WanDiT cross-attention, FFN chunks and activation constraints "
+            "substituted at trace time (t3_jax.sharding.dit_sequence_parallel)")
+  names = ("_dense_attention", "_modulate", "_gated_add", "_over_token_chunks")
+  saved = {name: getattr(dit, name) for name in names}
+  tokens = lambda x: constrain(x, mesh, "batch", "tokens", None)
+  replacements = {
+      "_dense_attention": sharded_cross_attention(mesh, saved["_dense_attention"]),
+      "_modulate": lambda norm, x, shift, scale: tokens(saved["_modulate"](norm, x, shift, scale)),
+      "_gated_add": lambda x, y, gate: tokens(saved["_gated_add"](x, y, gate)),
+      "_over_token_chunks": sharded_token_chunks(mesh, dit.FFN_CHUNK_TOKENS),
+  }
+  for name, value in replacements.items():
+    setattr(dit, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      setattr(dit, name, value)

@@ -1,0 +1,524 @@
+"""Training: T3 fine-tuning of a Wan DiT with flow matching (full or LoRA).
+
+The recipe is the paper's (T3_REFERENCE.md section 3): AdamW (lr 2e-5, weight decay
+1e-2, gradient clip 1.0), the release's flow-matching loss and timestep weights
+(`t3_jax.flow`), steps with a non-finite loss or gradient skipped (and counted).
+
+Train state, a plain pytree (what the Orbax checkpoint holds):
+  step      int32    steps taken (skipped ones included: data and RNG move on)
+  params    trained parameters, fp32 master copy (LoRA: the adapters only)
+  opt_state optax AdamW state, sharded like params
+  rng       uint32[2] base key; step s uses fold_in(rng, s), so a resume is exact
+  skipped   int32    steps skipped for a non-finite loss or gradient
+
+The step: microbatches (gradient accumulation) in a `lax.scan`, compute in the
+model's dtype (bf16 for real use), rematerialisation per layer by the model's policy,
+`jax.jit` with explicit in/out shardings over one mesh (t3_jax.sharding).
+
+Checkpoints: Orbax CheckpointManager under workdir/checkpoints/<step>/ (async,
+keep-N): the train state, the data loader's position and a JSON of the run. Saved
+every `checkpoint.every` steps, at the end and on SIGTERM; a run in a workdir that
+holds checkpoints resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from t3_jax import dit as dit_lib
+from t3_jax import flow
+from t3_jax import lora as lora_lib
+from t3_jax import schedule as schedule_lib
+from t3_jax import sharding
+
+log = logging.getLogger(__name__)
+
+VAE_STRIDE = {"wan2.1": (4, 8, 8), "wan2.2": (4, 16, 16)}
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (matched on device_kind).
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("H20", 148e12),
+              ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+              ("TPU v6", 918e12), ("TPU v4", 275e12))
+
+
+def _dtype(name):
+  return jnp.dtype(name) if name is not None else None
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+# ----------------------------------------------------------------------------- model
+
+def dit_config(config) -> dit_lib.DiTConfig:
+  """The DiT architecture: a preset name, with optional field overrides."""
+  base = dit_lib.DiTConfig.preset(config.model.preset)
+  overrides = dict(config.model.get("overrides", None) or {})
+  return dit_lib.DiTConfig.from_dict({**base.to_dict(), **overrides}) if overrides else base
+
+
+def latent_shape(config, dit_cfg: dit_lib.DiTConfig) -> tuple[int, int, int, int]:
+  """[C, F, H, W] latents of a (frames, height, width) video through Wan's VAE."""
+  st, sh, sw = VAE_STRIDE[dit_cfg.family]
+  d = config.data
+  if (d.frames - 1) % st or d.height % sh or d.width % sw:
+    raise ValueError(f"video {d.frames}x{d.height}x{d.width} doesn't fit the VAE stride {(st, sh, sw)}: "
+                     f"frames = 1 + {st}k, height and width multiples of {sh}")
+  return (dit_cfg.in_channels, (d.frames - 1) // st + 1, d.height // sh, d.width // sw)
+
+
+def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
+  """(WanDiT, DiTConfig): abstract (ShapeDtypeStruct parameters) unless abstract=False.
+  With a mesh whose sequence axis is > 1 the DiT's self-attention is sequence-parallel."""
+  cfg = dit_config(config)
+  m = config.model
+  schedule = m.get("schedule", None)
+  if isinstance(schedule, (list, tuple)):
+    schedule = tuple(tuple(int(v) for v in t) for t in schedule)
+
+  def make(seed=0):
+    return dit_lib.WanDiT(cfg, attention=m.attention, schedule=schedule, dtype=_dtype(m.dtype),
+                          param_dtype=_dtype(m.param_dtype), remat=m.remat,
+                          implementation=m.get("implementation", None), rngs=nnx.Rngs(seed),
+                          **sharding.dit_kwargs(mesh, config.mesh.get("collective", "auto")))
+
+  return (nnx.eval_shape(make) if abstract else make(config.seed)), cfg
+
+
+def model_flops_per_example(model, cfg: dit_lib.DiTConfig, lshape, text_len: int) -> float:
+  """Forward + backward FLOPs of one example (3x the forward: the usual MFU convention,
+  rematerialisation not counted), from the schedule's MAC count."""
+  grid = model.token_grid((1, *lshape))
+  macs = schedule_lib.model_macs(cfg, grid, model.layer_schedule(grid), text_len=text_len)["total"]
+  return 3 * 2 * float(macs)
+
+
+# ------------------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
+  warmup = int(opt.warmup_steps)
+  if opt.schedule == "constant":
+    main = optax.constant_schedule(opt.lr)
+  elif opt.schedule == "cosine":
+    main = optax.cosine_decay_schedule(opt.lr, max(1, total_steps - warmup), alpha=opt.get("final_lr_ratio", 0.0))
+  else:
+    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), main], [warmup])
+
+
+def make_optimizer(opt, total_steps: int):
+  schedule = learning_rate_schedule(opt, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(opt.clip_norm) if opt.clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
+  return tx, schedule
+
+
+# ------------------------------------------------------------------------ shardings
+
+def state_shardings(abstract_state, mesh: Mesh):
+  """Params and optimizer moments sharded alike (fsdp over their largest dimension,
+  stacked layers kept whole); the step counters and the RNG key replicated."""
+  out = {k: jax.tree.map(lambda _: sharding.replicated(mesh), v) for k, v in abstract_state.items()}
+  for k in ("params", "opt_state"):
+    out[k] = sharding.param_shardings(abstract_state[k], mesh)
+  return out
+
+
+def _global_batch(local: dict, shardings: dict) -> dict:
+  """Process-local numpy batches -> global arrays on the mesh."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in shardings}
+
+
+def _check_process_rows(batch_sharding: NamedSharding, global_batch: int):
+  """The loader gives process p rows [p*b, (p+1)*b); the mesh must want the same rows."""
+  if jax.process_count() == 1:
+    return
+  b = global_batch // jax.process_count()
+  rows = set()
+  for index in batch_sharding.addressable_devices_indices_map((global_batch,)).values():
+    s = index[0]
+    rows.update(range(s.start or 0, global_batch if s.stop is None else s.stop))
+  want = set(range(jax.process_index() * b, (jax.process_index() + 1) * b))
+  if rows != want:
+    raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)[:4]}... but its loader reads "
+                     f"rows {sorted(want)[:4]}...: put the data/fsdp mesh axes across hosts (sequence and tensor within a host)")
+
+
+# ------------------------------------------------------------------------- the step
+
+def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alpha: float | None):
+  """step(state, frozen, batch) -> (state, metrics).
+
+  frozen: the base parameters when training LoRA adapters, else {}.
+  batch: {"latents": [B, C, F, H, W], "context": [B, L, text_dim]}; B = microbatches * micro.
+  """
+  accum = int(config.microbatches)
+  shift = float(config.flow.shift)
+  round_bf16 = bool(config.flow.get("round_timesteps_to_bf16", False))
+
+  def noisy_inputs(keys, latents):
+    """One noise level and noise draw per example, from that example's key."""
+    def one(key, x0):
+      x_t, target, timestep, weight = flow.sample_training_batch(
+          key, x0[None], shift=shift, round_timesteps_to_bf16=round_bf16)
+      return x_t[0], target[0], timestep[0], weight[0]
+    return jax.vmap(one)(keys, latents)
+
+  def loss_fn(trainable, frozen, micro):
+    params = lora_lib.apply_lora(frozen, trainable, lora_alpha) if lora_alpha is not None else trainable
+    x_t, target, timestep, weight = noisy_inputs(micro["keys"], micro["latents"])
+    with sharding.dit_sequence_parallel(mesh):
+      model = nnx.merge(graphdef, params)
+      pred = model(x_t, timestep, micro["context"])
+    return flow.flow_matching_loss(pred, target, weight)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state, frozen, batch):
+    # Example i of step s draws its noise from fold_in(fold_in(rng, s), i): the same numbers
+    # whatever the mesh or the microbatch split, so both change nothing but rounding.
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    batch = {"latents": batch["latents"], "context": batch["context"],
+             "keys": jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch["latents"].shape[0]))}
+    params = state["params"]
+    if accum == 1:
+      loss, grads = grad_fn(params, frozen, batch)
+    else:
+      # Example j*A + a goes to microbatch a: each device's rows split evenly, no reshuffle.
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
+
+      def body(carry, mb):
+        loss, grads = grad_fn(params, frozen, mb)
+        total, acc = carry
+        return (total + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+      loss = loss / accum
+      grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    applied = state["step"] - state["skipped"]  # optax's step count: skipped steps don't advance it
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, params),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "rng": state["rng"],
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
+               "skipped": new_state["skipped"], "finite": finite}
+    return new_state, metrics
+
+  return step
+
+
+# ------------------------------------------------------------------------ the trainer
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and stops at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      self.requested = True
+      log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: no handler (say so)
+      log.warning("not in the main thread: SIGTERM will not save a checkpoint")
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """Every process stops at the same step (any process's signal counts)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  ck = config.checkpoint
+  options = ocp.CheckpointManagerOptions(max_to_keep=ck.keep, enable_async_checkpointing=ck.get("async_save", True),
+                                         create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+                               item_names=("state", "data", "run"))
+
+
+def _checkpoint_dir(path: str) -> str:
+  path = os.path.abspath(path)
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def load_trained_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
+  """(trained params as numpy, run JSON) of a training workdir's checkpoint (latest by default).
+
+  For a full fine-tune the params are a whole DiT; for LoRA, the adapters.
+  """
+  directory = _checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints under {workdir}: pass the --workdir of a training run")
+  mngr = ocp.CheckpointManager(directory, item_names=("state", "data", "run"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory} holds no checkpoint steps")
+  run = mngr.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  return jax.tree.map(np.asarray, state["params"]), run
+
+
+class Trainer:
+  """Builds the model, mesh, optimizer, data and checkpointing from a ConfigDict and trains.
+
+    trainer = Trainer(config, workdir); trainer.train()
+  """
+
+  def __init__(self, config, workdir: str, mesh: Mesh | None = None, loader=None):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.mesh = mesh if mesh is not None else sharding.mesh_from_config(config.mesh)
+    self.model, self.dit_cfg = build_model(config, mesh=self.mesh)
+    self.latent_shape = latent_shape(config, self.dit_cfg)
+    self.graphdef, abstract_params = nnx.split(self.model)
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    total = int(config.total_steps)
+    self.tx, self.lr_schedule = make_optimizer(config.optimizer, total)
+
+    self.lora = config.get("lora", None)
+    self.lora_alpha = None
+    if self.lora is not None and self.lora.rank:
+      self.lora_alpha = float(self.lora.alpha)
+      self.frozen_abstract = abstract_params
+      trainable_abstract = jax.eval_shape(
+          lambda: lora_lib.init_lora(jax.random.key(0), abstract_params, self.lora.rank, self.lora.targets))
+    else:
+      self.frozen_abstract = {}
+      trainable_abstract = abstract_params
+
+    key = jax.random.PRNGKey(config.seed)
+    abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": trainable_abstract,
+        "opt_state": jax.eval_shape(self.tx.init, trainable_abstract),
+        "rng": jax.ShapeDtypeStruct(key.shape, key.dtype),
+        "skipped": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    self.state_sharding = state_shardings(abstract_state, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.state_sharding)
+    self.frozen_sharding = sharding.param_shardings(self.frozen_abstract, self.mesh)
+
+    d = config.data
+    self.global_batch = int(config.batch_size)
+    per_device = sharding.axis_size(self.mesh, "batch")
+    if self.global_batch % (config.microbatches * per_device) or self.global_batch % jax.process_count():
+      raise ValueError(f"batch_size {self.global_batch} must split into {config.microbatches} microbatches, each "
+                       f"divisible by the {per_device} batch shards (data x fsdp) and by {jax.process_count()} processes")
+    batch_spec = {"latents": jax.ShapeDtypeStruct((self.global_batch, *self.latent_shape), jnp.float32),
+                  "context": jax.ShapeDtypeStruct((self.global_batch, d.text_len, self.dit_cfg.text_dim), jnp.float32)}
+    self.batch_sharding = sharding.batch_shardings(batch_spec, self.mesh)
+    _check_process_rows(self.batch_sharding["latents"], self.global_batch)
+    self.loader = loader if loader is not None else self._make_loader()
+
+    step_fn = make_train_step(self.graphdef, self.tx, self.lr_schedule, config, self.mesh, self.lora_alpha)
+    self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.frozen_sharding, self.batch_sharding),
+                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                              donate_argnums=(0,))
+    self.flops_per_step = self.global_batch * model_flops_per_example(
+        self.model, self.dit_cfg, self.latent_shape, d.text_len)
+
+  # -- setup
+
+  def _make_loader(self):
+    from t3_jax import data as data_lib
+    d = self.config.data
+    per_process = self.global_batch // jax.process_count()
+    if d.kind == "synthetic":
+      return data_lib.SyntheticLoader(self.latent_shape, per_process, seed=self.config.seed,
+                                      text_len=d.text_len, text_dim=self.dit_cfg.text_dim)
+    if d.kind == "latents":
+      loader = data_lib.LatentLoader(d.path, per_process, seed=self.config.seed, text_len=d.text_len)
+      if tuple(loader.latent_shape) != tuple(self.latent_shape):
+        raise ValueError(f"{d.path} holds latents {loader.latent_shape}, the config's video makes {self.latent_shape}: "
+                         "set data.frames/height/width to the prepared size")
+      return loader
+    raise ValueError(f"data.kind must be 'synthetic' or 'latents', got {d.kind!r}")
+
+  def _load_base_params(self, abstract: dict) -> dict:
+    """Pretrained DiT parameters (model.init_checkpoint), or a random init, sharded."""
+    path = self.config.model.get("init_checkpoint", None)
+    shardings = sharding.param_shardings(abstract, self.mesh)
+    if path:
+      from t3_jax import checkpoint as checkpoint_lib
+      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+      params, stored = checkpoint_lib.load_checkpoint(path, target, kind="dit")
+      mismatch = {k: (stored.get(k), v) for k, v in self.dit_cfg.to_dict().items()
+                  if k in stored and stored[k] != v}
+      if mismatch:
+        raise ValueError(f"{path} holds a different DiT ({mismatch}): set model.preset to match the checkpoint")
+      return params
+    log.warning("model.init_checkpoint is empty: training from a random initialisation")
+    model_cfg = self.config
+
+    def init():
+      model, _ = build_model(model_cfg, abstract=False)
+      return nnx.to_pure_dict(nnx.split(model)[1])
+
+    return jax.jit(init, out_shardings=shardings)()
+
+  def initial_state(self) -> tuple[dict, dict]:
+    """(train state, frozen params) of a fresh run."""
+    abstract_params = nnx.to_pure_dict(nnx.split(self.model)[1])
+    base = self._load_base_params(abstract_params)
+    if self.lora_alpha is not None:
+      frozen = base
+      shard = sharding.param_shardings(self.abstract_state["params"], self.mesh)
+      lora = jax.jit(lambda: lora_lib.init_lora(jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1),
+                                                abstract_params, self.lora.rank, self.lora.targets),
+                     out_shardings=shard)()
+      params = lora
+    else:
+      frozen, params = {}, base
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
+    put = lambda x, s: jax.device_put(x, s)
+    state = {"step": put(jnp.int32(0), self.state_sharding["step"]), "params": params, "opt_state": opt_state,
+             "rng": put(jax.random.PRNGKey(self.config.seed), self.state_sharding["rng"]),
+             "skipped": put(jnp.int32(0), self.state_sharding["skipped"])}
+    return state, frozen
+
+  def _run_info(self) -> dict:
+    lora = None
+    if self.lora_alpha is not None:
+      lora = {"rank": int(self.lora.rank), "alpha": self.lora_alpha, "targets": list(lora_lib.parse_targets(self.lora.targets)),
+              "base": self.config.model.get("init_checkpoint", None)}
+    return {"dit_config": {**self.dit_cfg.to_dict(), "kind": "dit"}, "lora": lora,
+            "config": json.loads(self.config.to_json_best_effort()), "latent_shape": list(self.latent_shape)}
+
+  # -- the loop
+
+  def train(self) -> list[dict]:
+    """Trains to config.total_steps (resuming from the workdir's latest checkpoint).
+    Returns the metrics of the steps run here."""
+    cfg = self.config
+    os.makedirs(self.workdir, exist_ok=True)
+    mngr = checkpoint_manager(self.workdir, cfg)
+    total = int(cfg.total_steps)
+    try:
+      latest = mngr.latest_step()
+      if latest is None:
+        state, frozen = self.initial_state()
+      else:
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        self.loader.set_state(restored["data"])
+        frozen = self._load_base_params(self.frozen_abstract) if self.lora_alpha is not None else {}
+        log.warning("resumed from %s at step %d", mngr.directory, latest)
+      start = int(jax.device_get(state["step"]))
+      metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+      history = self._loop(state, frozen, mngr, start, total, metrics_path)
+      mngr.wait_until_finished()
+      return history
+    finally:
+      mngr.close()
+      self.loader.close()
+
+  def _save(self, mngr, step: int, state, force: bool = False):
+    if step in mngr.all_steps() or step == getattr(self, "_last_saved", None):
+      return
+    self._last_saved = step
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=ocp.args.JsonSave(self.loader.get_state()),
+                                            run=ocp.args.JsonSave(self._run_info())), force=force)
+
+  def _loop(self, state, frozen, mngr, start: int, total: int, metrics_path: str) -> list[dict]:
+    cfg = self.config
+    main = jax.process_index() == 0
+    every = int(cfg.checkpoint.every)
+    tokens_per_step = self.global_batch * math.prod(self.model.token_grid((1, *self.latent_shape)))
+    peak = peak_flops(jax.devices()[0])
+    history = []
+    progress = None
+    if main:
+      from tqdm import tqdm
+      progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not cfg.get("progress", True))
+    with _Preemption() as preemption, open(metrics_path, "a") if main else contextlib.nullcontext() as out:
+      last = time.perf_counter()
+      for step in range(start, total):
+        local = next(self.loader)
+        batch = _global_batch(local, self.batch_sharding)
+        state, metrics = self.train_step(state, frozen, batch)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+          metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          seconds = (now - last) / (cfg.log_every if done % cfg.log_every == 0 else 1)
+          last = now
+          record = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                    "skipped_steps": int(metrics["skipped"]), "steps_per_s": 1.0 / seconds,
+                    "tokens_per_s": tokens_per_step / seconds,
+                    "mfu": (self.flops_per_step / seconds / (jax.device_count() * peak)) if peak else None}
+          if not metrics["finite"]:
+            log.warning("step %d: non-finite loss or gradient, update skipped", done)
+          history.append(record)
+          if main:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            progress.set_postfix(loss=f"{record['loss']:.4f}", skipped=record["skipped_steps"])
+        if progress is not None:
+          progress.update(1)
+        stop = preemption.agreed()
+        if stop or done % every == 0 or done == total:
+          self._save(mngr, done, state, force=stop)
+        if stop:
+          mngr.wait_until_finished()
+          log.warning("preempted: checkpoint of step %d saved in %s", done, mngr.directory)
+          break
+    if progress is not None:
+      progress.close()
+    self.state = state
+    return history
+
+
+def export_params(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> str:
+  """Saves a full fine-tune's trained DiT as a plain checkpoint (`dit.load_dit` loads it)."""
+  from t3_jax import checkpoint as checkpoint_lib
+  params, run = load_trained_params(workdir, step)
+  if run.get("lora"):
+    raise ValueError(f"{workdir} trained LoRA adapters: merge them with `python -m t3_jax.lora merge`")
+  return checkpoint_lib.save_checkpoint(output, params, run["dit_config"], overwrite=overwrite)

@@ -1,0 +1,80 @@
+"""Sharding: the mesh, the rules, and sharded steps equal to single-device ones.
+
+The multi-device checks run in a separate process with 8 fake CPU devices
+(tests/sharded_check.py), so the rest of the suite keeps its single device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from t3_jax import sharding, windows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("grid,blocks", [((5, 6, 8), (5, 1, 1)), ((5, 6, 8), (1, 3, 4)),
+                                         ((5, 7, 9), (2, 3, 4)), ((4, 6, 8), (2, 2, 2))])
+def test_token_window_slot_matches_window_tables(grid, blocks):
+  """The arithmetic token -> (window, slot) map is the inverse of windows.window_indices."""
+  token = np.arange(int(np.prod(grid)))
+  for remote in (False, True):
+    index, _ = windows.window_indices(grid, blocks, remote)
+    window, slot = sharding.token_window_slot(token, grid, blocks, remote)
+    np.testing.assert_array_equal(index[window, slot], token)
+
+
+def test_relayout_plan_published_4k():
+  """Every published 4K layer on 8..64 devices: few padded units, frames use head groups."""
+  grid, pattern = (21, 136, 240), ((21, 1, 1), (1, 17, 30), (1, 8, 40), (3, 17, 8), (7, 8, 6))
+  for devices in (8, 64):
+    for blocks in pattern:
+      for plan in sharding.describe_relayout(grid, blocks, devices, heads=12):
+        units = plan["windows"] * plan["head_groups"]
+        assert plan["padded_units"] <= 0.05 * units + devices // 8, (devices, blocks, plan)
+  frames = sharding.describe_relayout(grid, (21, 1, 1), 64, heads=12)
+  assert len(frames) == 1 and frames[0]["head_groups"] == 3  # 63 units on 64 devices
+  assert frames[0]["collective"].startswith("ppermute")        # frames mostly stay where they are
+
+
+def test_param_spec_largest_divisible_dim():
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  assert sharding.param_spec((30, 1536, 8960), mesh, stacked=True) == jax.sharding.PartitionSpec()
+  abstract = jax.sharding.AbstractMesh((1, 4, 2, 1), sharding.MESH_AXES)
+  spec = sharding.param_spec((30, 1536, 8960), abstract, stacked=True)
+  assert spec == jax.sharding.PartitionSpec(None, None, ("fsdp", "sequence"))
+  assert sharding.param_spec((30, 6, 1536), abstract, stacked=True)[2] == ("fsdp", "sequence")
+  assert sharding.param_spec((3,), abstract) == jax.sharding.PartitionSpec()  # nothing divides
+  assert sharding.logical_to_spec(abstract, ("batch", "tokens", "embed")) == jax.sharding.PartitionSpec("fsdp", "sequence", None)
+
+
+def test_make_mesh_errors():
+  with pytest.raises(ValueError, match="devices"):
+    sharding.make_mesh(fsdp=3, sequence=5)
+
+
+def test_sharded_equals_single_device():
+  """8 fake devices: sharded T3 attention and sharded train steps equal the single-device ones."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_check.py")], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  result = json.loads(lines[0][len("RESULT "):])
+  for check in result["attention"]:
+    assert check["out"] < 1e-5 and check["grad"] < 1e-5, check
+    # Windows move by all-to-all / collective-permute; the sequence is never all-gathered.
+    assert "all-gather" not in check["collectives"], check
+    assert set(check["collectives"]) & {"all-to-all", "collective-permute"}, check
+    if check["collective"] != "auto":  # the exchange uses the collective asked for
+      assert set(check["collectives"]) == {check["collective"].replace("ppermute", "collective-permute").replace("_", "-")}, check
+  for run in result["train"]:
+    np.testing.assert_allclose(run["loss"], run["ref_loss"], rtol=2e-6)
+    np.testing.assert_allclose(run["grad_norm"], run["ref_grad_norm"], rtol=2e-6)
+    assert run["params"] < 1e-6, run
+    assert "all-to-all" in run["collectives"] or "collective-permute" in run["collectives"], run

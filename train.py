@@ -1,0 +1,56 @@
+"""Train T3 on a Wan DiT (flow matching; full fine-tune or LoRA).
+
+  python train.py --config=configs/t3_wan.py:tiny --workdir=/tmp/t3_tiny --config.total_steps=20
+
+Rerunning with the same workdir resumes from its latest checkpoint (params, optimizer,
+step, data position, RNG); SIGTERM saves a checkpoint and stops. Metrics go to
+WORKDIR/metrics.jsonl.
+
+Multi-host: pass --distributed on every host (jax.distributed.initialize(): cluster
+auto-detection, or --coordinator_address/--num_processes/--process_id, or the
+JAX_COORDINATOR_ADDRESS environment variable).
+
+After training: --export=DIR writes a full fine-tune's DiT as a plain checkpoint;
+LoRA adapters merge with `python -m t3_jax.lora merge --ckpt BASE --lora WORKDIR --output DIR`.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/t3_wan.py:tiny", "training config (file:variant)")
+flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl", required=True)
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
+flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
+flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)")
+flags.DEFINE_string("export", None, "instead of training: save the workdir's trained DiT to this directory")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax
+
+  if FLAGS.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.getLogger().setLevel(logging.WARNING)
+
+  from t3_jax import trainer
+
+  if FLAGS.export:
+    print(f"exported to {trainer.export_params(FLAGS.workdir, FLAGS.export)}")
+    return
+  config = FLAGS.config
+  if jax.process_index() == 0:
+    print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s); "
+          f"variant {config.get('variant')}, workdir {FLAGS.workdir}")
+  history = trainer.Trainer(config, FLAGS.workdir).train()
+  if history and jax.process_index() == 0:
+    print(f"last step {history[-1]['step']}: loss {history[-1]['loss']:.5f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
