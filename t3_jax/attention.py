@@ -74,6 +74,11 @@ def choose_implementation(implementation: str | None, dtype, head_dim: int,
 _XLA_MAX_LOGITS = 1 << 27
 
 
+def _pad_windows(x, length: int):
+  """[windows, L, heads, d] -> [windows, length, heads, d], zeros appended (masked by lengths)."""
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
 def _attend_dot_product(q, k, v, lengths, implementation):
   def kernel(q, k, v, lengths=None):
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
@@ -81,6 +86,11 @@ def _attend_dot_product(q, k, v, lengths, implementation):
   num_windows, length, heads, _ = q.shape
   if lengths is not None:
     lengths = jnp.asarray(lengths, jnp.int32)
+    if implementation == "cudnn" and length % 2:
+      # cuDNN's backward pass with a padding mask takes even lengths only: pad one
+      # more (masked) slot; its output row is dropped.
+      q, k, v = (_pad_windows(x, length + 1) for x in (q, k, v))
+      return kernel(q, k, v, lengths)[:, :length]
   chunk = max(1, _XLA_MAX_LOGITS // (length * length * heads))
   if implementation != "xla" or chunk >= num_windows:
     return kernel(q, k, v, lengths)
@@ -106,7 +116,7 @@ def _attend_splash(q, k, v, lengths):
   segments = (jnp.arange(padded)[None, :] >= jnp.asarray(lengths)[:, None]).astype(jnp.int32)
 
   def to_kernel_layout(x):  # [B, L, h, d] -> [B, h, Lp, d]
-    return jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    return _pad_windows(x, padded).transpose(0, 2, 1, 3)
 
   block = splash.BlockSizes(
       block_q=_SPLASH_BLOCK, block_kv=_SPLASH_BLOCK, block_kv_compute=_SPLASH_BLOCK,
