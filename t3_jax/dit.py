@@ -226,12 +226,12 @@ class Attention(nnx.Module):
     out = attend(q, k, v.astype(self.dtype), grid, blocks)
     return self.o(out.reshape(x.shape))
 
-  def cross_attention(self, x, context, implementation=None):
+  def cross_attention(self, x, context, implementation=None, attend=None):
     """Attention of the video tokens over the text. x: [batch, N, dim], context: [batch, L, dim]."""
     q = self._heads(self.norm_q(self.q(x).astype(f32))).astype(self.dtype)
     k = self._heads(self.norm_k(self.k(context).astype(f32))).astype(self.dtype)
     v = self._heads(self.v(context)).astype(self.dtype)
-    return self.o(_dense_attention(q, k, v, implementation).reshape(x.shape))
+    return self.o((attend or _dense_attention)(q, k, v, implementation).reshape(x.shape))
 
 
 # Above this many logits the XLA cross-attention runs over chunks of queries.
@@ -315,20 +315,23 @@ class Block(nnx.Module):
         (jax.random.normal(rngs.params(), (1, 6, dim), f32) / dim**0.5).astype(param_dtype))
 
   def __call__(self, x, context, e0, rope, grid: Triple, blocks: Triple, attend=None,
-               implementation=None):
+               implementation=None, cross_attend=None, token_chunks=None, tokens=None):
     """x: [B, N, dim]; context: [B, L, dim]; e0: [B, G, 6, dim] fp32 (G groups of tokens
     that share a timestep: 1, frames or tokens); rope: (cos, sin) [N, 1, head_dim/2];
     attend: the self-attention function (see Attention.self_attention); implementation:
-    the cross-attention kernel."""
+    the cross-attention kernel. The layout hooks (see WanDiT; one device by default):
+    cross_attend(q, k, v, implementation), token_chunks(fn, x), tokens(x) on [B, N, dim]."""
+    tokens = tokens or (lambda a: a)
+    token_chunks = token_chunks or _over_token_chunks
     mod = self.modulation[...].astype(f32)[None] + e0                  # [B, G, 6, dim]
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, j, None] for j in range(6))
 
-    h = _modulate(self.norm1, x, shift1, scale1).astype(self.dtype)
-    x = _gated_add(x, self.self_attn.self_attention(h, rope, grid, blocks, attend), gate1)
+    h = tokens(_modulate(self.norm1, x, shift1, scale1)).astype(self.dtype)
+    x = tokens(_gated_add(x, self.self_attn.self_attention(h, rope, grid, blocks, attend), gate1))
     h = self.norm3(x.astype(f32)).astype(self.dtype)
-    x = x + self.cross_attn.cross_attention(h, context, implementation).astype(x.dtype)
-    h = _modulate(self.norm2, x, shift2, scale2).astype(self.dtype)
-    return _gated_add(x, _over_token_chunks(self.ffn, h), gate2)
+    x = x + self.cross_attn.cross_attention(h, context, implementation, cross_attend).astype(x.dtype)
+    h = tokens(_modulate(self.norm2, x, shift2, scale2)).astype(self.dtype)
+    return tokens(_gated_add(x, token_chunks(self.ffn, h), gate2))
 
 
 class Head(nnx.Module):
@@ -393,6 +396,7 @@ class WanDiT(nnx.Module):
                dtype=jnp.bfloat16, param_dtype=jnp.float32, remat: str = "none",
                implementation: str | None = None, window_constraint: Callable | None = None,
                attention_fn: Callable | None = None, token_constraint: Callable | None = None,
+               cross_attention_fn: Callable | None = None, token_chunks_fn: Callable | None = None,
                rngs: nnx.Rngs):
     """
     Args:
@@ -406,8 +410,15 @@ class WanDiT(nnx.Module):
       window_constraint: passed to t3_attention (e.g. a sharding constraint).
       attention_fn: replaces t3_attention; same signature (q, k, v, grid, blocks,
         implementation=, window_constraint=), e.g. a sequence-parallel version.
-      token_constraint: f(tokens) applied to the patch tokens [B, T*H*W, C*pt*ph*pw]
+      token_constraint: f(x) applied to the patch tokens [B, T*H*W, C*pt*ph*pw] and, in
+        every block, to the modulated inputs and the residual stream [B, T*H*W, dim]
         (e.g. a sharding constraint over the token axis).
+      cross_attention_fn: replaces the cross-attention kernel call, (q, k, v,
+        implementation) -> out, e.g. per device on sequence-sharded queries.
+      token_chunks_fn: replaces the FFN's loop over chunks of tokens, (fn, x) -> fn(x),
+        e.g. chunks of each device's own tokens.
+    The last four are the layout hooks of sequence parallelism:
+    `WanDiT(..., **t3_jax.sharding.dit_kwargs(mesh))` fills them in.
     """
     if attention not in ("t3", "full"):
       raise ValueError(f"attention must be 't3' or 'full', got {attention!r}")
@@ -424,6 +435,8 @@ class WanDiT(nnx.Module):
     self.window_constraint = window_constraint
     self.attention_fn = attention_fn
     self.token_constraint = token_constraint
+    self.cross_attention_fn = cross_attention_fn
+    self.token_chunks_fn = token_chunks_fn
 
     dim, kw = config.dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embedding = _dense(config.in_channels * math.prod(config.patch_size), dim, **kw)
@@ -472,7 +485,10 @@ class WanDiT(nnx.Module):
     context = self.text_embedding(context.astype(self.dtype))
     rope = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
     x = self._run_blocks(x, context, e0, rope, grid)
-    return unpatchify(self.head(x, e), grid, cfg.patch_size, cfg.out_channels)
+    out = self.head(x, e)
+    if self.token_constraint is not None:
+      out = self.token_constraint(out)
+    return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
 
   def _run_blocks(self, x, context, e0, rope, grid):
     """Scans over cycles of the per-layer schedule; a remainder of layers runs after."""
@@ -485,7 +501,8 @@ class WanDiT(nnx.Module):
 
     def layer(blocks, layer_state, x, context, e0, rope):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, context, e0, rope, grid, blocks, attend, self.implementation)
+      return block(x, context, e0, rope, grid, blocks, attend, self.implementation,
+                   self.cross_attention_fn, self.token_chunks_fn, self.token_constraint)
 
     def make_layer(blocks, prevent_cse):
       fn = functools.partial(layer, blocks)
@@ -535,11 +552,11 @@ def unpatchify(x, grid: Sequence[int], patch_size: Sequence[int], channels: int)
 
 def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bfloat16,
              param_dtype=None, implementation: str | None = None, remat: str = "none",
-             window_constraint: Callable | None = None, attention_fn: Callable | None = None,
-             token_constraint: Callable | None = None) -> WanDiT:
+             window_constraint: Callable | None = None, **layout_hooks) -> WanDiT:
   """A ready WanDiT from a t3-jax DiT checkpoint (made by convert_torch_weights.py).
 
-  param_dtype None keeps the checkpoint's dtype. Other arguments as for WanDiT.
+  param_dtype None keeps the checkpoint's dtype. Other arguments as for WanDiT;
+  layout_hooks: attention_fn, token_constraint, cross_attention_fn, token_chunks_fn.
   """
   try:
     config_dict = checkpoint_lib.read_config(ckpt_dir)
@@ -555,7 +572,7 @@ def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bflo
   def build(dtype_of_params):
     return WanDiT(config, attention=attention, schedule=schedule, dtype=dtype, param_dtype=dtype_of_params,
                   remat=remat, implementation=implementation, window_constraint=window_constraint,
-                  attention_fn=attention_fn, token_constraint=token_constraint, rngs=nnx.Rngs(0))
+                  rngs=nnx.Rngs(0), **layout_hooks)
 
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build(stored_dtype)))
   params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))

@@ -22,15 +22,13 @@ smallest buffer. Windows whose count doesn't divide the devices are split furthe
 head groups (frames x head groups: 21 x 3 = 63 units on 64 devices) and the rest padded
 with all-zero units, which attend to zeros and are dropped.
 
-The DiT takes the sharded attention through WanDiT(**dit_kwargs(mesh)); the rest of its
-sequence parallelism (cross-attention, FFN chunks, activation constraints) is applied while
-tracing inside `dit_sequence_parallel(mesh)`. `collectives_in(compiled.as_text())` counts
-the collectives XLA compiled.
+The DiT takes all of it through its layout hooks, WanDiT(**dit_kwargs(mesh)): the sharded
+self-attention, cross-attention and FFN chunks per device, and activation constraints.
+`collectives_in(compiled.as_text())` counts the collectives XLA compiled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -433,12 +431,7 @@ def collectives_in(compiled_text: str) -> dict[str, int]:
   return counts
 
 
-# --- Hooks into the DiT (trace time). ---
-
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-  log.warning(message)
-
+# --- The DiT's layout hooks. ---
 
 def sharded_cross_attention(mesh: Mesh, dense_attention: Callable) -> Callable:
   """Cross-attention with the video tokens sharded: each device attends its own queries
@@ -483,45 +476,19 @@ def sharded_token_chunks(mesh: Mesh, default_max_tokens: int) -> Callable:
 
 
 def dit_kwargs(mesh: Mesh | None, collective: str = "auto") -> dict:
-  """WanDiT constructor arguments for sequence parallelism over `mesh` ({} without it):
-  self-attention through `sharded_t3_attention`, patch tokens pinned to ("batch", "tokens")."""
-  if mesh is None or axis_size(mesh, "tokens") == 1:
-    return {}
-  return {"attention_fn": sharded_t3_attention(mesh, collective),
-          "token_constraint": lambda x: constrain(x, mesh, "batch", "tokens", None)}
+  """WanDiT's layout hooks for sequence parallelism over `mesh` ({} without it).
 
-
-@contextlib.contextmanager
-def dit_sequence_parallel(mesh: Mesh | None):
-  """While tracing the DiT (built with `dit_kwargs`): cross-attention per device
-  (`sharded_cross_attention`), the FFN's token chunks per device
-  (`sharded_token_chunks`), and the modulated inputs and residual stream pinned to
-  ("batch", "tokens", None): then everything between the attention calls runs on each
-  device's own tokens, and XLA all-gathers the fsdp-sharded weights at each use instead
-  of moving activations to match the weights' sharding.
-
-  A no-op without a mesh or with a sequence axis of size 1. WanDiT takes no arguments
-  for these, so this swaps four `t3_jax.dit` module functions during the trace only.
+  Self-attention through `sharded_t3_attention`; cross-attention per device
+  (`sharded_cross_attention`); the FFN's token chunks per device
+  (`sharded_token_chunks`); the patch tokens, modulated inputs and residual stream
+  pinned to ("batch", "tokens", None). Then everything between the attention calls runs
+  on each device's own tokens, and XLA all-gathers the fsdp-sharded weights at each use
+  instead of moving activations to match the weights' sharding.
   """
   if mesh is None or axis_size(mesh, "tokens") == 1:
-    yield
-    return
+    return {}
   from t3_jax import dit  # late: dit imports attention, not sharding
-  _say_once("sequence parallelism: WanDiT cross-attention, FFN chunks and activation constraints "
-            "substituted at trace time (t3_jax.sharding.dit_sequence_parallel)")
-  names = ("_dense_attention", "_modulate", "_gated_add", "_over_token_chunks")
-  saved = {name: getattr(dit, name) for name in names}
-  tokens = lambda x: constrain(x, mesh, "batch", "tokens", None)
-  replacements = {
-      "_dense_attention": sharded_cross_attention(mesh, saved["_dense_attention"]),
-      "_modulate": lambda norm, x, shift, scale: tokens(saved["_modulate"](norm, x, shift, scale)),
-      "_gated_add": lambda x, y, gate: tokens(saved["_gated_add"](x, y, gate)),
-      "_over_token_chunks": sharded_token_chunks(mesh, dit.FFN_CHUNK_TOKENS),
-  }
-  for name, value in replacements.items():
-    setattr(dit, name, value)
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      setattr(dit, name, value)
+  return {"attention_fn": sharded_t3_attention(mesh, collective),
+          "token_constraint": lambda x: constrain(x, mesh, "batch", "tokens", None),
+          "cross_attention_fn": sharded_cross_attention(mesh, dit._dense_attention),
+          "token_chunks_fn": sharded_token_chunks(mesh, dit.FFN_CHUNK_TOKENS)}

@@ -189,9 +189,8 @@ def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alph
   def loss_fn(trainable, frozen, micro):
     params = lora_lib.apply_lora(frozen, trainable, lora_alpha) if lora_alpha is not None else trainable
     x_t, target, timestep, weight = noisy_inputs(micro["keys"], micro["latents"])
-    with sharding.dit_sequence_parallel(mesh):
-      model = nnx.merge(graphdef, params)
-      pred = model(x_t, timestep, micro["context"])
+    model = nnx.merge(graphdef, params)
+    pred = model(x_t, timestep, micro["context"])
     return flow.flow_matching_loss(pred, target, weight)
 
   grad_fn = jax.value_and_grad(loss_fn)

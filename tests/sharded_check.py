@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t3_jax import attention, sharding, trainer
+from t3_jax import attention, dit, sharding, trainer
 
 
 def max_diff(a, b):
@@ -66,6 +66,8 @@ def main():
       ((3, 5, 8), (1, 2, 2), "auto")]:        # blocks don't divide the grid: padded windows
     result["attention"].append(check_attention(mesh, grid, blocks, collective))
 
+  # The FFN runs over chunks of tokens (of each device's own tokens when sharded), as at 4K.
+  dit.FFN_CHUNK_TOKENS = 4
   config = t3_wan.get_config("tiny")
   config.data.frames = 9                         # latents [16, 3, 8, 8]: 3x4x4 tokens
   config.model.schedule = "3,1,1;1,2,2"          # 3 frame windows, then 4 windows of 3x2x2

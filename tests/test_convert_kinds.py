@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from t3_jax import convert, umt5, vae
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import diffusers  # noqa: E402  (requirements-test.txt)
+import transformers  # noqa: E402
 
 
 def leaves(tree):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flax import nnx
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (requirements-test.txt)
 from diffusers import AutoencoderKLWan  # noqa: E402
 from diffusers.models.autoencoders import autoencoder_kl_wan as dwan  # noqa: E402
 
@@ -331,7 +331,7 @@ def test_tiled_decode_vs_untiled():
 
 
 def test_save_and_load_vae(tmp_path):
-    checkpoint = pytest.importorskip("t3_jax.checkpoint")
+    from t3_jax import checkpoint
     _, vae = models("tiny-wan2.2")
     V.save_vae(str(tmp_path / "vae"), vae)
     assert checkpoint.read_config(str(tmp_path / "vae"))["kind"] == "vae"
