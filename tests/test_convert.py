@@ -79,15 +79,9 @@ def forward(model, latents, timesteps, context):
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
   """Tiny diffusers Wan2.1 DiT, all weights perturbed; inputs; its output; its state dict."""
-  c = dit.PRESETS["tiny-wan2.1"]
-  torch.manual_seed(2)
-  model = diffusers.WanTransformer3DModel(
-      patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
-      in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
-      ffn_dim=c.ffn_dim, num_layers=c.num_layers).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
+  from test_dit import diffusers_wan
+
+  model = diffusers_wan("tiny-wan2.1", seed=2)
   inputs = (torch.randn(1, 16, 2, 4, 6), torch.tensor([777.0]), torch.randn(1, 6, 32))
   with torch.no_grad():
     ref = model(*inputs, return_dict=False)[0].numpy()
