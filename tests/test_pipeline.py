@@ -49,8 +49,9 @@ def test_sampling_loop_equals_step_by_step_rerun(pipe):
   out = pipe(PROMPT, height=40, width=56, frames=5, steps=steps, shift=shift, guidance=guidance, seed=seed,
              crop_to_request=True, return_latents=True, progress=False)
 
-  # Reference: contexts straight from the encoder, noise straight from the PRNG.
-  ids, mask = pipe.tokenizer([PROMPT, pipeline.WAN_NEGATIVE_PROMPT], 16)
+  # Reference: contexts straight from the encoder (prompts cleaned as Wan does: ftfy turns the
+  # negative prompt's full-width commas into ASCII ones), noise straight from the PRNG.
+  ids, mask = pipe.tokenizer([umt5.clean_prompt(p) for p in (PROMPT, pipeline.WAN_NEGATIVE_PROMPT)], 16)
   contexts = np.asarray(umt5.encode_tokens(pipe.text_encoder, jnp.asarray(ids), jnp.asarray(mask)))
   assert out.shape.latent == (4, 2, 6, 8)  # 5 frames -> 2 latent frames; 48x64 / 8
   noise = jax.random.normal(jax.random.key(seed), (1, 4, 2, 6, 8), jnp.float32)
