@@ -2,7 +2,7 @@
 
   python sample.py --config=configs/t3_wan.py --prompt "A drone shot over a snowy ridge"
       T3-Video-Wan2.1-T2V-1.3B at 2176x3840, 81 frames, 50 Euler steps, CFG 5 (the release's
-      defaults); a config path without ":variant" runs the file's "default" variant
+      defaults; a config path without ":variant" is the file's "default" variant)
   python sample.py --config=configs/t3_wan.py:5b --prompt "..."        T3-Video-Wan2.2-T2V-5B
   python sample.py --config=configs/t3_wan.py:demo --output_dir=/tmp/demo
       no weights needed: tiny RANDOM models (noise-like video), 9 frames at 128x256
@@ -69,23 +69,6 @@ def fail(message: str) -> None:
 # ----------------------------------------------------------------------------- flags
 
 
-def _with_default_variant(argv):
-  """`--config=FILE.py` (no ':variant') -> `--config=FILE.py:default`, so that the bare
-  config path samples the file's default (4K) variant rather than get_config()'s default."""
-  out, i = [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config=") and ":" not in arg[len("--config="):]:
-      arg += ":default"
-    elif arg == "--config" and i + 1 < len(argv) and ":" not in argv[i + 1]:
-      out += [arg, argv[i + 1] + ":default"]
-      i += 2
-      continue
-    out.append(arg)
-    i += 1
-  return out
-
-
 def _override_paths(argv):
   return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
 
@@ -127,7 +110,7 @@ def _explain_flag_error(error: Exception, argv) -> str:
 
 
 def parse_flags(argv):
-  argv = _with_default_variant(list(argv))
+  argv = list(argv)
   try:
     return FLAGS(argv)
   except SystemExit:

@@ -16,11 +16,12 @@ LoRA adapters merge with `python -m t3_jax.lora merge --ckpt BASE --lora WORKDIR
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/t3_wan.py:tiny", "training config (file:variant)")
+config_flags.DEFINE_config_file("config", "configs/t3_wan.py", "training config (file[:variant]; bare: stage1)")
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl", required=True)
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
@@ -47,7 +48,12 @@ def main(argv):
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s); "
           f"variant {config.get('variant')}, workdir {FLAGS.workdir}")
-  history = trainer.Trainer(config, FLAGS.workdir).train()
+  try:
+    history = trainer.Trainer(config, FLAGS.workdir).train()
+  except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
+    # A user error (bad config value, missing checkpoint or dataset): one line, no traceback.
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if history and jax.process_index() == 0:
     print(f"last step {history[-1]['step']}: loss {history[-1]['loss']:.5f}")
 

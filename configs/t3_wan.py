@@ -9,8 +9,9 @@ Variants (the argument after the colon):
   stage2_lora   the same with a rank-64 LoRA on the stage-1 weights
   5b_stage1, 5b_stage2, 5b_stage2_lora   the same for Wan2.2-TI2V-5B
   demo          sampling with a tiny random DiT (no weights needed)
-  default       sampling: T3-Video-Wan2.1-T2V-1.3B at 2176x3840x81 (`python sample.py
-                --config=configs/t3_wan.py` runs it: sample.py reads a bare path as ":default")
+  default       what a bare `--config=configs/t3_wan.py` gives: training = stage1 (the
+                retrofit starts there: `python train.py --config=configs/t3_wan.py`), sampling =
+                T3-Video-Wan2.1-T2V-1.3B at 2176x3840x81 (`python sample.py --config=configs/t3_wan.py`)
   5b            sampling: T3-Video-Wan2.2-T2V-5B at 2176x3840x81
 
 Recipe (T3_REFERENCE.md section 3): AdamW lr 2e-5, weight decay 1e-2, clip 1.0, flow
@@ -188,7 +189,7 @@ def _sample_demo(c):
 
 
 VARIANTS = {
-    "default": lambda c: c,  # sampling: T3-Video-Wan2.1-T2V-1.3B at 2176x3840x81 (c.sample)
+    "default": lambda c: _wan21(c, 1, False),  # training: stage1; sampling: c.sample (4K T3-1.3B)
     "5b": _sample_5b,
     "tiny": _tiny,
     "stage1": lambda c: _wan21(c, 1, False),
@@ -201,7 +202,7 @@ VARIANTS = {
 }
 
 
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   if arg not in VARIANTS:
     raise ValueError(f"unknown config variant {arg!r}: choose one of {sorted(VARIANTS)}")
   c = VARIANTS[arg](_base())

@@ -371,6 +371,9 @@ class Trainer:
       return data_lib.SyntheticLoader(self.latent_shape, per_process, seed=self.config.seed,
                                       text_len=d.text_len, text_dim=self.dit_cfg.text_dim)
     if d.kind == "latents":
+      if not d.path:
+        raise ValueError("config.data.path is empty: prepare a dataset with `python -m t3_jax.data prepare ...` "
+                         "and pass --config.data.path=DIR (or --config.data.kind=synthetic for a smoke test)")
       loader = data_lib.LatentLoader(d.path, per_process, seed=self.config.seed, text_len=d.text_len)
       if tuple(loader.latent_shape) != tuple(self.latent_shape):
         raise ValueError(f"{d.path} holds latents {loader.latent_shape}, the config's video makes {self.latent_shape}: "

@@ -85,7 +85,8 @@ def test_prompts_files_and_names(tmp_path):
   with pytest.raises(FileNotFoundError):
     sample.load_prompts(str(tmp_path / "missing.json"))
   assert sample.slug("A drone shot: 4K, ultra-detailed!") == "a-drone-shot-4k-ultra-detailed"
-  # A bare config path samples the file's default (4K) variant.
-  assert sample._with_default_variant(["x", "--config=configs/t3_wan.py", "--config", "c.py"]) == [
-      "x", "--config=configs/t3_wan.py:default", "--config", "c.py:default"]
-  assert sample._with_default_variant(["x", "--config=configs/t3_wan.py:demo"])[1] == "--config=configs/t3_wan.py:demo"
+  # A bare config path gives the file's "default" variant: 4K T3-Wan2.1-1.3B sampling.
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import t3_wan
+  default = t3_wan.get_config().sample
+  assert (default.height, default.width, default.frames, default.steps) == (2176, 3840, 81, 50)

@@ -176,3 +176,18 @@ def test_configs():
   assert trainer.latent_shape(c, trainer.dit_config(c)) == (48, 21, 136, 240) and c.lora.rank == 64
   with pytest.raises(ValueError, match="variant"):
     t3_wan.get_config("nope")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.data.kind=latents", "--config.data.path="], "config.data.path is empty"),
+    (["--config.data.kind=synthetic", "--config.model.init_checkpoint=/nonexistent/dit"],
+     "no checkpoint at /nonexistent/dit"),
+    (["--config.mesh.sequence=3"], "mesh"),
+])
+def test_train_bad_input_one_line_error(tmp_path, overrides, message):
+  """The bare config (stage 1) with bad values: exit 2, one `error:` line naming the fix."""
+  proc = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'w'}", *overrides], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
