@@ -281,9 +281,6 @@ def vae_target(detected: Detected, dtype) -> dict:
 # Tables beside the model (t3_jax.umt5.UMT5_TORCH_TABLES); layouts "wan"
 # (models_t5_umt5-xxl-enc-bf16.pth) and "hf" (transformers' UMT5EncoderModel).
 
-_UMT5_TRANSFORMS = {"identity": same, "transpose": linear}
-
-
 def detect_umt5(shapes: Mapping[str, Shape], preset: str | None = None) -> Detected:
   from t3_jax import umt5
 
@@ -300,7 +297,9 @@ def detect_umt5(shapes: Mapping[str, Shape], preset: str | None = None) -> Detec
 
 
 def umt5_table(detected: Detected) -> list[Rule]:
-  return [Rule(key, path, _UMT5_TRANSFORMS[t]) for key, path, t in detected.model[1]]
+  from t3_jax import umt5
+
+  return [Rule(key, path, umt5.UMT5_TRANSFORMS[t]) for key, path, t in detected.model[1]]
 
 
 def umt5_target(detected: Detected, dtype) -> dict:

@@ -248,17 +248,10 @@ def _dense_attention(q, k, v, implementation):
   impl = attention_lib.choose_implementation(implementation, q.dtype, q.shape[-1])
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  batch, n, heads, _ = q.shape
-  chunks = 1
-  while batch * heads * (n // chunks) * k.shape[1] > _MAX_LOGITS and chunks < n:
-    chunks += 1
-    while n % chunks:
-      chunks += 1
-  if chunks == 1:
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  qc = jnp.moveaxis(q.reshape(batch, chunks, n // chunks, *q.shape[2:]), 1, 0)
-  out = jax.lax.map(lambda qi: jax.nn.dot_product_attention(qi, k, v, implementation="xla"), qc)
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+  batch, _, heads, _ = q.shape
+  max_queries = max(1, _MAX_LOGITS // (batch * heads * k.shape[1]))
+  return _over_token_chunks(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"),
+                            q, max_queries)
 
 
 # The FFN's hidden activations ([tokens, ffn_dim], 12 GB at 4K for Wan2.1-1.3B in bf16,
@@ -269,7 +262,8 @@ FFN_CHUNK_TOKENS = 1 << 17
 
 
 def _over_token_chunks(fn, x, max_tokens=None):
-  """fn applied token-wise over [B, N, D] in sequential chunks of at most max_tokens."""
+  """fn applied token-wise over [B, N, ...] in sequential chunks of at most max_tokens
+  (the FFN; the XLA cross-attention's queries)."""
   max_tokens = max_tokens or FFN_CHUNK_TOKENS
   batch, n = x.shape[:2]
   chunks = -(-n // max_tokens)

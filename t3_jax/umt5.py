@@ -338,9 +338,11 @@ UMT5_TORCH_IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {
     "hf": ("decoder.", "lm_head.", "encoder.embed_tokens.weight"),
 }
 
+# Written with .T only, so that they also run on shapes (the converter checks a checkpoint's
+# shapes with jax.eval_shape before reading any tensor).
 UMT5_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": lambda w: w,
-    "transpose": lambda w: np.ascontiguousarray(np.swapaxes(w, 0, 1)),
+    "transpose": lambda w: w.T,
 }
 
 
