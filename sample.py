@@ -219,21 +219,24 @@ def validate(s) -> None:
   if s.crop_to_request and (s.height % 2 or s.width % 2):
     raise ValueError(f"H.264 needs an even height and width, got {s.height}x{s.width}: "
                      "request even sizes or set crop_to_request=False")
+  if s.guidance_parallel and s.guidance == 1:
+    raise ValueError("guidance_parallel needs guidance != 1 (two passes per step): set sample.guidance_parallel=False")
   if s.attention not in ("t3", "full"):
     raise ValueError(f"attention must be 't3' or 'full', got {s.attention!r}")
   pipeline.as_dtype(s.dtype)
 
 
 def build_pipeline(s):
-  from t3_jax import pipeline
+  from t3_jax import pipeline, sharding
 
+  mesh = sharding.sampling_mesh(s.sequence, s.guidance_parallel)
   if s.random_init:
     return pipeline.T3Pipeline.random(s.random_init, seed=0, num_layers=s.random_num_layers,
                                       attention=s.attention, schedule=s.schedule, dtype=s.dtype,
-                                      text_len=s.text_len)
+                                      text_len=s.text_len, mesh=mesh)
   return pipeline.T3Pipeline.from_checkpoints(
       s.dit_checkpoint, s.vae_checkpoint, s.umt5_checkpoint, s.tokenizer_dir, attention=s.attention,
-      schedule=s.schedule, dtype=s.dtype, implementation=s.implementation, text_len=s.text_len)
+      schedule=s.schedule, dtype=s.dtype, implementation=s.implementation, text_len=s.text_len, mesh=mesh)
 
 
 def run(s) -> None:
@@ -268,7 +271,8 @@ def run(s) -> None:
   os.makedirs(s.output_dir, exist_ok=True)
   shape = pipe.video_shape(s.height, s.width, s.frames, s.size_multiple)
   print(f"{len(prompts)} prompt(s), {len(todo)} to generate on process {rank}/{world}; "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s); variant {FLAGS.config.get('variant')}")
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s); variant {FLAGS.config.get('variant')}"
+        + ("" if pipe.mesh is None else f"; DiT on mesh {dict(pipe.mesh.shape)}, VAE tiles on {pipe.mesh.size} devices"))
   print(f"video {shape.generated[1]}x{shape.generated[2]}x{shape.generated[0]}"
         + (f" (cropped to {s.height}x{s.width})" if s.crop_to_request and shape.generated[1:] != shape.requested[1:]
            else "")

@@ -103,11 +103,32 @@ def block_fns(model, grid):
     f = jax.jit(lambda s, x, c, e0, rope: nnx.merge(graphdef, s)(x, c, e0, rope, grid, blocks))
     return lambda: f(layer0, x, context, e0, rope)
 
-  def attn(blocks):
-    f = jax.jit(lambda q, k, v: attention.t3_attention(q, k, v, grid, blocks))
+  def attn(blocks, fuse_partitions=True):
+    f = jax.jit(lambda q, k, v: attention.t3_attention(q, k, v, grid, blocks, fuse_partitions=fuse_partitions))
     return lambda: f(*qkv)
 
   return block, attn
+
+
+def attention_fusion(args, model, grid, per_layer, result):
+  """Each layer kind's t3_attention with close and remote windows in one kernel call and in two."""
+  _, attn = block_fns(model, grid)
+  rows = {}
+  for blocks in dict.fromkeys(per_layer):
+    if windows.partitions_coincide(grid, blocks):
+      continue
+    fused, _ = timed(attn(blocks, True), repeats=args.repeats)
+    separate, _ = timed(attn(blocks, False), repeats=args.repeats)
+    rows[str(blocks)] = {"fused_s": fused, "separate_s": separate, "count": per_layer.count(blocks)}
+    print(f"  layer {blocks}: one call {fused * 1e3:.1f} ms, two calls {separate * 1e3:.1f} ms", flush=True)
+  result["attention_fusion"] = rows
+  result["fused_total_s"] = sum(r["fused_s"] * r["count"] for r in rows.values())
+  result["separate_total_s"] = sum(r["separate_s"] * r["count"] for r in rows.values())
+  print(json.dumps(result, indent=1, default=str))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1, default=str)
+  return 0
 
 
 def main(argv=None):
@@ -119,6 +140,8 @@ def main(argv=None):
   p.add_argument("--no-full", action="store_true", help="skip the full-attention block")
   p.add_argument("--guided-step", action="store_true", help="also time one CFG denoising step (batch 2)")
   p.add_argument("--forward-only", action="store_true", help="only the whole T3 forward (time, memory)")
+  p.add_argument("--attention-only", action="store_true",
+                 help="only each layer kind's t3_attention, close and remote in one kernel call vs two")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
 
@@ -131,6 +154,8 @@ def main(argv=None):
 
   model = build_model(args, config)
   per_layer = model.layer_schedule(grid)
+  if args.attention_only:
+    return attention_fusion(args, model, grid, per_layer, result)
   period = schedule.cycle(per_layer)
   result["schedule"] = period
   latents, timestep, context = inputs(args, config, grid)

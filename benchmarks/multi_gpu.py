@@ -4,9 +4,9 @@
 
 Sequence parallel: the 4K token sequence is split over a mesh axis "sequence"; each
 self-attention re-lays the tokens so that every device holds whole windows
-(t3_jax.sharding.sharded_t3_attention: all-to-all or collective-permutes), and the
-rest of the block (linears, norms, cross-attention, FFN) runs on each device's own
-tokens. Parameters are replicated (2.8 GB for Wan2.1-1.3B in bf16).
+(t3_jax.sharding.sharded_t3_attention, --relayouts: "heads" = one all-to-all of head
+groups each way, "windows" = whole windows per partition), and the rest of the block
+(linears, norms, cross-attention, FFN) runs on each device's own tokens. Parameters are replicated (2.8 GB for Wan2.1-1.3B in bf16).
 Guidance parallel: the batch of two (conditional, unconditional) split over "data".
 
 For k = 1, 2, 4, ... devices it times the forward (median of --repeats) and reports
@@ -65,6 +65,10 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--layers", type=int, default=None, help="fewer layers (quick checks)")
   p.add_argument("--check", action="store_true", help="compare sharded and one-device outputs first")
+  p.add_argument("--min-devices", type=int, default=1, help="skip setups on fewer devices (no 1-GPU baseline then)")
+  p.add_argument("--relayouts", default="heads,windows",
+                 help="sequence-parallel re-layouts to time: heads, heads/S (S pipelined stages), windows "
+                      "(the first is also used for guidance+sequence)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
 
@@ -76,11 +80,12 @@ def main(argv=None):
   devices = jax.devices()
   print(f"{args.preset} grid {grid} on {len(devices)} x {devices[0].device_kind}", flush=True)
 
-  def build(mesh):
-    return dit.WanDiT(config, attention="t3", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-                      **sharding.dit_kwargs(mesh))
+  def builder(relayout):  # "heads", "heads/3" (3 pipelined stages), "windows", "auto"
+    name, _, stages = relayout.partition("/")
+    return lambda mesh: dit.WanDiT(config, attention="t3", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+                                   **sharding.dit_kwargs(mesh, relayout=name, stages=int(stages or 1)))
 
-  _, state = nnx.split(nnx.eval_shape(lambda: build(None)))
+  _, state = nnx.split(nnx.eval_shape(lambda: builder("auto")(None)))
   state = jax.tree.map(lambda s: jnp.asarray(
       np.random.default_rng(0).standard_normal(s.shape, np.float32) * 0.02, dtype), state)
   keys = jax.random.split(jax.random.key(1), 2)
@@ -92,29 +97,35 @@ def main(argv=None):
 
   rows, result = [], {"preset": args.preset, "grid": grid, "device": devices[0].device_kind,
                       "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
-  setups = [("sequence", 1, k) for k in (1, 2, 4, 8) if k <= len(devices)]
-  setups += [("guidance", 2, 1)] if len(devices) >= 2 else []
-  setups += [("guidance+sequence", 2, len(devices) // 2)] if len(devices) >= 4 else []
+  relayouts = args.relayouts.split(",")
+  setups = [("sequence", 1, 1, relayouts[0])]
+  setups += [("sequence", 1, k, r) for r in relayouts for k in (2, 4, 8)
+             if k <= len(devices) and (not r.startswith("heads")
+                                       or config.num_heads % (k * int(r.partition("/")[2] or 1)) == 0)]
+  setups += [("guidance", 2, 1, relayouts[0])] if len(devices) >= 2 else []
+  setups += [("guidance+sequence", 2, len(devices) // 2, relayouts[0])] if len(devices) >= 4 else []
+  setups = [s for s in setups if s[1] * s[2] >= args.min_devices]
   reference = None
-  for name, data, seq in setups:
+  for name, data, seq, relayout in setups:
     mesh = sharding.make_mesh(data=data, fsdp=1, sequence=seq, devices=devices[:data * seq])
     inputs = make_inputs(2 if name.startswith("guidance") else 1)
-    run, compiled = forward_on(mesh, state, build, inputs)
+    run, compiled = forward_on(mesh, state, builder(relayout), inputs)
     if args.check:
       out = np.asarray(run(), np.float32)
       if name == "sequence" and seq == 1:
         reference = out
       elif reference is not None and out.shape == reference.shape:
         err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-        print(f"  {name} x{data * seq}: rel err vs one device {err:.2e}", flush=True)
-        result[f"rel_err_{name}_{data * seq}"] = err
+        print(f"  {name} x{data * seq} ({relayout}): rel err vs one device {err:.2e}", flush=True)
+        result[f"rel_err_{name}_{data * seq}_{relayout}"] = err
     seconds = timed(run, args.repeats)
     stats = devices[0].memory_stats() or {}
-    row = {"setup": name, "devices": data * seq, "batch": inputs[0].shape[0], "seconds": seconds,
+    row = {"setup": name, "relayout": relayout if seq > 1 else None, "devices": data * seq,
+           "batch": inputs[0].shape[0], "seconds": seconds,
            "peak_bytes_device0": stats.get("peak_bytes_in_use"),
            "collectives": sharding.collectives_in(compiled.as_text())}
     rows.append(row)
-    print(f"  {name:>18} on {data * seq} device(s), batch {row['batch']}: {seconds:.3f} s; "
+    print(f"  {name:>18} on {data * seq} device(s), batch {row['batch']}, relayout {row['relayout']}: {seconds:.3f} s; "
           f"collectives {row['collectives']}", flush=True)
   base = {r["batch"]: r["seconds"] for r in rows if r["devices"] == 1}
   for r in rows:

@@ -1,41 +1,82 @@
 #!/usr/bin/env bash
-# Every GPU measurement of BENCHMARKS.md that needs several GPUs or the VAE, in one lease
-# (a 4-GPU host). Each step has its own time limit, so one slow step loses only itself;
-# logs and JSON land in $1 (default: out/).
-#   bash benchmarks/run_gpu.sh OUTDIR
+# The GPU measurements of BENCHMARKS.md, on one host of 2 (or 4) GPUs, in two calls (each
+# under the lent machine's 10-minute command limit). Each step has its own time limit, so a
+# slow step loses only itself; logs and JSON land in OUTDIR.
+#   bash benchmarks/run_gpu.sh OUTDIR one     # 1-GPU DiT jobs (4K step, attention fusion, 720P training)
+#   bash benchmarks/run_gpu.sh OUTDIR vae     # the 4K VAE decodes, two side by side on GPUs 0 and 1
+#   bash benchmarks/run_gpu.sh OUTDIR multi   # sequence/guidance parallel, training on all GPUs
+#   bash benchmarks/run_gpu.sh OUTDIR stages  # pipelined head groups, with and without XLA's
+#                                             # latency-hiding scheduler; 4K training again
+#   bash benchmarks/run_gpu.sh OUTDIR train4k # 4K training with 95% of each GPU's memory
+#   bash benchmarks/run_gpu.sh OUTDIR four    # the multi phase, trimmed, for a 4-GPU host
 set -u
 out=${1:-out}
+phase=${2:-a}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, print its last lines
   local name=$1 limit=$2; shift 2
-  echo "== $name ($(date -u +%T))"
+  local t0=$(date +%s)
   timeout -s KILL "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "   exit $?"; grep -v '^ \|^[{}]\|^\[' "$out/$name.log" | grep -v 'converting\|it/s\]' | tail -n 6
+  local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
+  grep -v '^ \|^[{}]\|^\[' "$out/$name.log" | grep -v 'converting\|it/s\]\|^W0\|^I0' | tail -n 8
+}
+train() {  # train NAME GPUS BATCH LIMIT VARIANT [extra flags]: 6 steps, synthetic latents, random init
+  local name=$1 gpus=$2 batch=$3 limit=$4 variant=$5; shift 5
+  step "$name" "$limit" env CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) python3 train.py \
+    --config=configs/t3_wan.py:"$variant" --workdir="/tmp/$name" --config.total_steps=6 \
+    --config.model.init_checkpoint= --config.data.kind=synthetic --config.batch_size="$batch" \
+    --config.checkpoint.every=0 --config.checkpoint.final=False --config.progress=False "$@"
+  cp "/tmp/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null && tail -n 3 "$out/$name.metrics.jsonl"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
 
-# 1. The 4K forward of Wan2.1-1.3B, one GPU: time and peak memory (FFN over token chunks).
-step forward4k 70 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/dit_forward.py --preset wan2.1-t2v-1.3b \
-  --grid 21,136,240 --forward-only --repeats 3 --json "$out/wan21_4k_forward.json"
-# 2. The 4K VAE decode, 81 frames, one GPU.
-step vae21 90 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/vae_decode.py --version wan2.1 --repeats 1 \
-  --tile 68,120 --stride 34,60   # the tiles sample.py uses (the release's command line)
-# 3. Sequence- and guidance-parallel forwards on 1, 2, 4 GPUs (10 of the 30 layers: the
-#    per-layer work and exchanges are the same; the whole model is 3x).
-step multi_gpu 120 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
-  --repeats 3 --json "$out/multi_gpu.json"
-# 4. Training steps/s at 720P (stage 1: full fine-tune, synthetic latents, random init),
-#    data parallel over fsdp: 1 GPU (batch 1) and all GPUs (batch = GPUs).
-train() {  # train NAME GPUS BATCH LIMIT [extra flags]
-  local name=$1 gpus=$2 batch=$3 limit=$4; shift 4
-  step "$name" "$limit" env CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) python3 train.py \
-    --config=configs/t3_wan.py:stage1 --workdir="/tmp/$name" --config.total_steps=3 \
-    --config.model.init_checkpoint= --config.data.kind=synthetic --config.batch_size="$batch" \
-    --config.checkpoint.every=1000 --config.progress=False "$@"
-  cp "/tmp/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null && tail -n 2 "$out/$name.metrics.jsonl"
-}
-train train720_1gpu 1 1 100
-train "train720_${ngpu}gpu" "$ngpu" "$ngpu" 100
+if [ "$phase" = one ]; then
+  export CUDA_VISIBLE_DEVICES=1   # the 4K forward and one guided denoising step; attention fused vs not
+  step dit4k 180 python3 benchmarks/dit_forward.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --forward-only \
+    --guided-step --repeats 3 --json "$out/wan21_4k_step.json"
+  step fusion4k 100 python3 benchmarks/dit_forward.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --attention-only \
+    --repeats 5 --json "$out/wan21_4k_fusion.json"
+  train train720_1gpu 1 1 150 stage1
+elif [ "$phase" = vae ]; then
+  # The 4K VAE decode with the release's tiles (GPU 0) and with fewer overlaps (GPU 1), side by side.
+  ( export CUDA_VISIBLE_DEVICES=0; step vae21_release 420 python3 benchmarks/vae_decode.py --version wan2.1 --repeats 1 \
+    --tile 68,120 --stride 34,60 ) &
+  ( export CUDA_VISIBLE_DEVICES=1; step vae21_fast 420 python3 benchmarks/vae_decode.py --version wan2.1 --repeats 2 \
+    --tile 68,120 --stride 56,104 ) &
+  wait
+elif [ "$phase" = stages ]; then
+  step stages 150 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
+    --relayouts heads,heads/3 --repeats 3 --json "$out/multi_gpu_stages.json"
+  ( export XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true
+    step stages_lhs 120 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
+      --min-devices 2 --relayouts heads,heads/3 --repeats 3 --json "$out/multi_gpu_stages_lhs.json" )
+  train "train4k_${ngpu}gpu" "$ngpu" 1 200 stage2 --config.mesh.sequence="$ngpu"
+elif [ "$phase" = train4k ]; then
+  # 4K training needs ~100 GiB per device on 2 GPUs: let XLA take 95% of an H200 (not an H100).
+  ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+    train "train4k_${ngpu}gpu" "$ngpu" 1 300 stage2 --config.mesh.sequence="$ngpu" )
+elif [ "$phase" = four ]; then
+  step multi_gpu4 130 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
+    --relayouts heads/3 --repeats 3 --json "$out/multi_gpu4.json"
+  train "train720_${ngpu}gpu" "$ngpu" "$ngpu" 90 stage1
+  train "train4k_${ngpu}gpu" "$ngpu" 1 110 stage2 --config.mesh.sequence="$ngpu"
+  step guided_all4 90 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 \
+    --min-devices "$ngpu" --relayouts heads/3 --repeats 3 --json "$out/multi_gpu4_30layers.json"
+else
+  # Sequence- and guidance-parallel forwards on 1..N GPUs, both re-layouts (10 of the 30 layers:
+  # the per-layer work and exchanges are the same; the whole model is 3x).
+  step multi_gpu 150 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
+    --repeats 3 --json "$out/multi_gpu.json"
+  # Training steps/s: 720P (stage 1) data parallel over fsdp, batch = GPUs; 4K (stage 2), the
+  # 685,440 tokens of one sample split over all GPUs ("sequence").
+  train "train720_${ngpu}gpu" "$ngpu" "$ngpu" 120 stage1
+  train "train4k_${ngpu}gpu" "$ngpu" 1 200 stage2 --config.mesh.sequence="$ngpu"
+  # The whole 30-layer forward on all GPUs, batch 1 (sequence) and batch 2 (guidance): the
+  # 50-step denoising time.
+  step guided_all 130 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 \
+    --min-devices "$ngpu" --relayouts heads --repeats 3 --json "$out/multi_gpu_30layers.json"
+fi
 echo "== done ($(date -u +%T))"

@@ -40,6 +40,25 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def decode_flops(cfg, tile_hw, latent_frames: int, dtype, param_dtype) -> float:
+    """FLOPs of one tile's decode over all frames, from XLA's cost analysis of the lowered
+    program for 1 and for 2 latent frames: a scan body counts once, so the first chunk is
+    f(1) and every later chunk f(2) - f(1)."""
+    abstract = nnx.eval_shape(lambda: V.WanVAE(cfg, dtype=dtype, param_dtype=param_dtype))
+    graphdef, state = nnx.split(abstract)
+
+    def flops(frames):
+        z = jax.ShapeDtypeStruct((1, frames, *tile_hw, cfg.z_dim), jnp.float32)
+        fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode_frames(z, clip=False))
+        # Lowered for CPU, whose cost analysis is always available (not every GPU backend's is).
+        cost = fn.trace(state, z).lower(lowering_platforms=("cpu",)).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"]) if cost else float("nan")  # some installs report none
+
+    first, two = flops(1), flops(2)
+    return first + (latent_frames - 1) * (two - first)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", default="wan2.1", choices=sorted(V.PRESETS))
@@ -86,6 +105,11 @@ def main(argv=None):
             print(f"XLA flops per tile {flops / 1e12:.2f} T; whole decode {flops * len(offsets) / 1e12:.1f} T")
         return
 
+    flops = decode_flops(cfg, tile_hw, latent_shape[2], dtype, param_dtype) * len(offsets)
+    untiled = decode_flops(cfg, latent_shape[3:], latent_shape[2], dtype, param_dtype)
+    print(f"FLOPs: {flops / 1e15:.2f} PFLOP for the {len(offsets)} tiles ({untiled / 1e15:.2f} PFLOP untiled: "
+          f"overlaps cost {flops / untiled:.2f}x)", flush=True)
+
     start = time.perf_counter()
     vae = V.vae_from_params(cfg, V.random_params(cfg, seed=0), dtype=dtype, param_dtype=param_dtype)
     print(f"random weights {time.perf_counter() - start:.1f} s")
@@ -105,8 +129,10 @@ def main(argv=None):
         video.block_until_ready()
         times.append(time.perf_counter() - start)
         del video
-    print(f"decode {statistics.median(times):.2f} s (median of {len(times)}: "
-          f"{', '.join(f'{t:.2f}' for t in times)}); {statistics.median(times) / len(offsets) * 1e3:.0f} ms per tile")
+    seconds = statistics.median(times)
+    print(f"decode {seconds:.2f} s (median of {len(times)}: "
+          f"{', '.join(f'{t:.2f}' for t in times)}); {seconds / len(offsets) * 1e3:.0f} ms per tile; "
+          f"{flops / seconds / 1e12:.0f} TFLOP/s")
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"peak device memory {gib(stats['peak_bytes_in_use'])} of {gib(stats.get('bytes_limit', 0))}")

@@ -79,10 +79,12 @@ def _base() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 1, -1, 1, 1
-  c.mesh.collective = "auto"   # sequence-parallel window exchange: auto / all_to_all / ppermute
+  c.mesh.relayout = "auto"     # sequence-parallel attention: auto / heads (all-to-all of head groups) / windows
+  c.mesh.collective = "auto"   # relayout=windows exchange: auto / all_to_all / ppermute
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 100
+  c.checkpoint.every = 100    # steps between saves; 0 = none (but SIGTERM and the end still save)
+  c.checkpoint.final = True   # save at the end of the run (benchmarks turn it off)
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
@@ -118,7 +120,11 @@ def _base() -> ml_collections.ConfigDict:
   c.sample.text_len = 512
   c.sample.vae_tiled = True
   c.sample.vae_tile = (68, 120)        # latent pixels: the release's command line (--tiled true)
-  c.sample.vae_tile_stride = (34, 60)
+  c.sample.vae_tile_stride = (34, 60)  # (56, 104): half the decode work, blends differ near seams
+  # Several local GPUs: the DiT's tokens split over `sequence` devices, the conditional and
+  # unconditional passes on 2 groups with guidance_parallel; VAE tiles over all of them.
+  c.sample.sequence = 1
+  c.sample.guidance_parallel = False
   c.sample.progress = True
   return c
 

@@ -149,7 +149,7 @@ def _fold(x):  # [B, windows, L, h, d] -> [B * windows, L, h, d]
 
 
 def t3_attention(q, k, v, grid: Sequence[int], blocks: Sequence[int],
-                 implementation: str | None = None, fuse_partitions: bool = True,
+                 implementation: str | None = None, fuse_partitions: bool = False,
                  window_constraint: Callable | None = None):
   """T3 window attention: the mean of close-window and remote-window attention.
 
@@ -160,7 +160,9 @@ def t3_attention(q, k, v, grid: Sequence[int], blocks: Sequence[int],
     blocks: (n_t, n_h, n_w) block counts. (1, 1, 1) is full attention. Counts that
       don't divide the grid pad it (padded keys masked, padded queries dropped).
     implementation: attention kernel, see `choose_implementation`.
-    fuse_partitions: run close and remote windows in one kernel call.
+    fuse_partitions: run close and remote windows in one kernel call (concatenated).
+      Off by default: on an H200 at 4K the concatenation costs more than the second
+      launch saves (BENCHMARKS.md, notes: 1-4% slower per layer).
     window_constraint: optional f(x) applied to every windowed array
       [batch, windows, tokens_per_window, heads, head_dim] (e.g. a sharding
       constraint that keeps whole windows on a device).

@@ -263,7 +263,12 @@ FFN_CHUNK_TOKENS = 1 << 17
 
 def _over_token_chunks(fn, x, max_tokens=None):
   """fn applied token-wise over [B, N, ...] in sequential chunks of at most max_tokens
-  (the FFN; the XLA cross-attention's queries)."""
+  (the FFN; the XLA cross-attention's queries).
+
+  Each chunk is rematerialised (jax.checkpoint) when differentiated: the backward pass
+  recomputes one chunk's hidden activations at a time instead of keeping all of them,
+  which would undo the chunking's memory saving in training. Without gradients it
+  changes nothing."""
   max_tokens = max_tokens or FFN_CHUNK_TOKENS
   batch, n = x.shape[:2]
   chunks = -(-n // max_tokens)
@@ -272,7 +277,7 @@ def _over_token_chunks(fn, x, max_tokens=None):
   if chunks == 1:
     return fn(x)
   xs = jnp.moveaxis(x.reshape(batch, chunks, n // chunks, *x.shape[2:]), 1, 0)
-  out = jax.lax.map(fn, xs)
+  out = jax.lax.map(jax.checkpoint(fn), xs)
   return jnp.moveaxis(out, 0, 1).reshape(batch, n, *out.shape[3:])
 
 

@@ -18,6 +18,12 @@ What it does, as the T3-Video release does it (T3_REFERENCE.md section 4):
      the Wan VAE in spatial tiles (the release's command line: latent tiles (68, 120) every
      (34, 60)), then mapped from [-1, 1] to uint8.
 
+Several devices (`mesh=sharding.sampling_mesh(sequence, guidance_parallel)`): the DiT runs
+sequence parallel (each video's tokens split over `sequence` devices; every self-attention
+exchanges head groups with two all-to-alls) and/or guidance parallel (the conditional and
+unconditional halves of the batch on two device groups); the VAE decodes its tiles on all the
+mesh's devices at once. Same outputs as one device, to floating-point rounding.
+
 Sizes: height and width must be multiples of VAE stride x patch = 16 (Wan2.1) or 32 (Wan2.2);
 other sizes are rounded UP to the next multiple, as DiffSynth (the release) does, and with
 `crop_to_request` the output is centre-cropped back to the requested size. E.g. Wan2.2 at
@@ -55,6 +61,7 @@ from flax import nnx
 from t3_jax import checkpoint as checkpoint_lib
 from t3_jax import dit as dit_lib
 from t3_jax import flow
+from t3_jax import sharding
 from t3_jax import umt5 as umt5_lib
 from t3_jax import vae as vae_lib
 
@@ -308,7 +315,11 @@ class T3Pipeline:
   """
 
   def __init__(self, dit: dit_lib.WanDiT, vae: vae_lib.WanVAE, text_encoder: umt5_lib.UMT5Encoder | None,
-               tokenizer, *, text_len: int = umt5_lib.TEXT_LENGTH, random_weights: bool = False):
+               tokenizer, *, text_len: int = umt5_lib.TEXT_LENGTH, random_weights: bool = False,
+               mesh=None):
+    """mesh: `sharding.sampling_mesh(...)` to run the DiT sequence- and/or guidance-parallel
+    (the DiT must then be built with `sharding.sampling_dit_kwargs(mesh)`, as `from_checkpoints`
+    and `random` do) and to decode the VAE tiles on all its devices; None: one device."""
     if dit.config.in_channels != vae.config.z_dim or dit.config.out_channels != vae.config.z_dim:
       raise ValueError(f"the DiT takes {dit.config.in_channels} latent channels but the VAE makes "
                        f"{vae.config.z_dim}: pair Wan2.1 DiTs with the Wan2.1 VAE, Wan2.2 with Wan2.2")
@@ -324,7 +335,10 @@ class T3Pipeline:
     self.tokenizer = tokenizer
     self.text_len = text_len
     self.random_weights = random_weights
+    self.mesh = mesh
     self._graphdef, self._state = nnx.split(dit)
+    if mesh is not None:  # parameters replicated on every device of the mesh
+      self._state = jax.device_put(self._state, sharding.replicated(mesh))
     self._compiled = {}
     self.load_seconds = 0.0
 
@@ -333,7 +347,8 @@ class T3Pipeline:
   @classmethod
   def from_checkpoints(cls, dit_dir: str, vae_dir: str, umt5_dir: str, tokenizer_dir: str, *,
                        attention: str = "t3", schedule=None, dtype="bfloat16",
-                       implementation: str | None = None, text_len: int = umt5_lib.TEXT_LENGTH) -> "T3Pipeline":
+                       implementation: str | None = None, text_len: int = umt5_lib.TEXT_LENGTH,
+                       mesh=None) -> "T3Pipeline":
     """Loads converted checkpoints (convert_torch_weights.py) and the umT5 sentencepiece folder.
 
     Every path is checked before anything loads, so a missing one fails at once, naming the
@@ -345,16 +360,17 @@ class T3Pipeline:
     tokenizer = umt5_lib.UMT5Tokenizer.from_dir(tokenizer_dir)
     dtype = as_dtype(dtype)
     dit = dit_lib.load_dit(dit_dir, attention=attention, schedule=schedule, dtype=dtype,
-                           implementation=implementation)
+                           implementation=implementation, **sharding.sampling_dit_kwargs(mesh))
     vae = vae_lib.load_vae(vae_dir, dtype=dtype, param_dtype=jnp.float32)
     text_encoder = umt5_lib.load_umt5(umt5_dir, dtype=dtype, param_dtype=jnp.bfloat16)
-    pipe = cls(dit, vae, text_encoder, tokenizer, text_len=text_len)
+    pipe = cls(dit, vae, text_encoder, tokenizer, text_len=text_len, mesh=mesh)
     pipe.load_seconds = time.perf_counter() - start
     return pipe
 
   @classmethod
   def random(cls, preset: str = "tiny-wan2.1", *, seed: int = 0, num_layers: int | None = None,
-             attention: str = "t3", schedule=None, dtype="float32", text_len: int = 64) -> "T3Pipeline":
+             attention: str = "t3", schedule=None, dtype="float32", text_len: int = 64,
+             mesh=None) -> "T3Pipeline":
     """Randomly initialised DiT, VAE and umT5 of a tiny preset (DEMO and tests only).
 
     preset: "tiny-wan2.1" or "tiny-wan2.2" (dit.PRESETS and vae.PRESETS share these names).
@@ -372,10 +388,10 @@ class T3Pipeline:
     dtype = as_dtype(dtype)
     start = time.perf_counter()
     dit = random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
-                                             rngs=nnx.Rngs(0)), seed)
+                                             rngs=nnx.Rngs(0), **sharding.sampling_dit_kwargs(mesh)), seed)
     vae = random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
     text_encoder = random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
-    pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True)
+    pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)
     pipe.load_seconds = time.perf_counter() - start
     return pipe
 
@@ -461,6 +477,11 @@ class T3Pipeline:
       negative_context = jnp.asarray(negative_context, jnp.float32)
     noise = jnp.asarray(noise, jnp.float32)
     guidance = jnp.float32(guidance)
+    if self.mesh is not None:
+      self._check_mesh(noise.shape, negative_context is not None)
+      # Small inputs, replicated; the DiT's layout hooks split the tokens and the guided batch.
+      noise, context, negative_context, guidance = jax.device_put(
+          (noise, context, negative_context, guidance), sharding.replicated(self.mesh))
 
     start = time.perf_counter()
     compiled = self._compiled_loop(noise, context, negative_context, guidance, sampler, int(steps), shift, progress)
@@ -482,6 +503,16 @@ class T3Pipeline:
         bar.close()
     return latents, compile_s, time.perf_counter() - start
 
+  def _check_mesh(self, latent_shape, guided: bool) -> None:
+    tokens = math.prod(self.dit.token_grid(latent_shape))
+    shards = sharding.axis_size(self.mesh, "tokens")
+    if tokens % shards:
+      raise ValueError(f"{tokens} latent tokens don't split over sample.sequence={shards} devices: "
+                       f"choose a sequence size dividing {tokens} (e.g. 2 or 4 at 2176x3840)")
+    if sharding.axis_size(self.mesh, "batch") > 1 and not guided:
+      raise ValueError("guidance-parallel sampling needs guidance != 1 (two passes per step): "
+                       "set sample.guidance_parallel=False")
+
   def decode(self, latents, *, tiled: bool = True, tile=RELEASE_VAE_TILE,
              tile_stride=RELEASE_VAE_TILE_STRIDE) -> jax.Array:
     """DiT-space latents [1, C, F, h, w] -> video [1, 3, 1 + 4(F-1), h*s, w*s] in [-1, 1]."""
@@ -490,7 +521,8 @@ class T3Pipeline:
     # rejects a stride longer than the clamped tile).
     tile = tuple(min(t, n) for t, n in zip(tile, z.shape[3:]))
     tile_stride = tuple(min(s, t) for s, t in zip(tile_stride, tile))
-    return self.vae.decode(z, tiled=tiled, tile=tile, stride=tile_stride)
+    devices = None if self.mesh is None else list(self.mesh.devices.flat)
+    return self.vae.decode(z, tiled=tiled, tile=tile, stride=tile_stride, devices=devices)
 
   def generate(self, context, negative_context=None, *, height: int, width: int, frames: int,
                steps: int = 50, guidance: float = 5.0, shift: float = 5.0, sampler: str = "euler",

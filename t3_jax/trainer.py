@@ -99,7 +99,8 @@ def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
     return dit_lib.WanDiT(cfg, attention=m.attention, schedule=schedule, dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), remat=m.remat,
                           implementation=m.get("implementation", None), rngs=nnx.Rngs(seed),
-                          **sharding.dit_kwargs(mesh, config.mesh.get("collective", "auto")))
+                          **sharding.dit_kwargs(mesh, config.mesh.get("collective", "auto"),
+                                               config.mesh.get("relayout", "auto")))
 
   return (nnx.eval_shape(make) if abstract else make(config.seed)), cfg
 
@@ -472,6 +473,8 @@ class Trainer:
     cfg = self.config
     main = jax.process_index() == 0
     every = int(cfg.checkpoint.every)
+    if every < 0:
+      raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), got {every}")
     tokens_per_step = self.global_batch * math.prod(self.model.token_grid((1, *self.latent_shape)))
     peak = peak_flops(jax.devices()[0])
     history = []
@@ -505,7 +508,7 @@ class Trainer:
         if progress is not None:
           progress.update(1)
         stop = preemption.agreed()
-        if stop or done % every == 0 or done == total:
+        if stop or (every and done % every == 0) or (done == total and cfg.checkpoint.get("final", True)):
           self._save(mngr, done, state, force=stop)
         if stop:
           mngr.wait_until_finished()

@@ -595,7 +595,7 @@ class WanVAE(nnx.Module):
         return (mean, logvar) if return_logvar else mean
 
     def decode(self, latents: jax.Array, *, tiled: bool = True, tile: tuple[int, int] = (30, 52),
-               stride: tuple[int, int] = (15, 26), out_dtype=jnp.float32) -> jax.Array:
+               stride: tuple[int, int] = (15, 26), out_dtype=jnp.float32, devices=None) -> jax.Array:
         """latents [B, z_dim, F, h, w] (not normalised) -> video [B, 3, 1 + 4(F-1), h*s, w*s] in [-1, 1].
 
         tiled: decode spatial tiles of `tile` latent pixels every `stride` latent pixels (the T3 release's
@@ -604,6 +604,8 @@ class WanVAE(nnx.Module):
         activations and an O((h*w)^2) attention map per frame: use it for small videos only.
         out_dtype: dtype of the video, which tiles are blended into on the device (81 frames at 4K: 7.6 GiB
         in fp32, 3.8 GiB in bf16, whose blend rounding, <= 2^-8, is below an 8-bit video's step).
+        devices: decode the tiles on these devices at once (a canvas on each, summed on the first);
+        the video lands on the first.
         """
         cfg = self.config
         latents = jnp.asarray(latents)
@@ -616,7 +618,7 @@ class WanVAE(nnx.Module):
         s = cfg.spatial_stride
         canvas = _tiled(
             functools.partial(_decode_tile_into, graphdef), state, latents, (h, w), tile, stride,
-            out_scale=s, out_dtype=out_dtype,
+            out_scale=s, out_dtype=out_dtype, devices=devices,
             out_shape=(b, cfg.image_channels, 1 + cfg.temporal_stride * (f - 1), h * s, w * s))
         return _clip_in_place(canvas)
 
@@ -775,13 +777,33 @@ def tile_weights(size_hw: tuple[int, int], tile_hw: tuple[int, int], stride_hw: 
     return offsets, masks, tile_hw
 
 
-def _tiled(tile_into, state, inputs, size_hw, tile, stride, *, out_scale, out_shape, out_dtype=jnp.float32):
-    """Run `tile_into` over all tiles, accumulating weighted tiles into a canvas of out_shape."""
+def _tiled(tile_into, state, inputs, size_hw, tile, stride, *, out_scale, out_shape, out_dtype=jnp.float32,
+           devices=None):
+    """Run `tile_into` over all tiles, accumulating weighted tiles into a canvas of out_shape.
+
+    devices: spread the tiles over these devices (tile i on device i mod n, each with its own
+    canvas; JAX dispatches asynchronously, so they run at once), then sum the canvases on the
+    first. None: the default device.
+    """
     offsets, masks, tile_hw = tile_weights(size_hw, tuple(tile), tuple(stride), out_scale)
-    canvas = jnp.zeros(out_shape, out_dtype)
-    for (h0, w0), mask in zip(offsets, masks):
-        canvas = tile_into(canvas, state, tile_hw, inputs, jnp.asarray(mask), jnp.int32(h0), jnp.int32(w0))
+    devices = list(devices or [None])[:len(offsets)]
+    put = lambda x, d: x if d is None else jax.device_put(x, d)
+    states = [put(state, d) for d in devices]
+    inputs = [put(inputs, d) for d in devices]
+    canvases = [put(jnp.zeros(out_shape, out_dtype), d) for d in devices]
+    for i, ((h0, w0), mask) in enumerate(zip(offsets, masks)):
+        k, d = i % len(devices), devices[i % len(devices)]
+        canvases[k] = tile_into(canvases[k], states[k], tile_hw, inputs[k], put(jnp.asarray(mask), d),
+                                put(jnp.int32(h0), d), put(jnp.int32(w0), d))
+    canvas = canvases[0]
+    for other in canvases[1:]:
+        canvas = _add_in_place(canvas, put(other, devices[0]))
     return canvas
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_in_place(canvas, other):
+    return canvas + other
 
 
 # ---------------------------------------------------------------------------------------------

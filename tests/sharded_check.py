@@ -25,12 +25,13 @@ def max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def check_attention(mesh, grid, blocks, collective, batch=2, heads=4, head_dim=8):
-  """sharded_t3_attention == t3_attention, forward and gradient (fp32)."""
+def check_attention(mesh, grid, blocks, collective, relayout, batch=2, heads=4, head_dim=8, stages=1):
+  """sharded_t3_attention == t3_attention, forward and gradient (fp32); stages: pipelined
+  head groups of the heads re-layout."""
   rng = np.random.default_rng(0)
   n = int(np.prod(grid))
   q, k, v = (jnp.asarray(rng.normal(size=(batch, n, heads, head_dim)), jnp.float32) for _ in range(3))
-  fn = sharding.sharded_t3_attention(mesh, collective)
+  fn = sharding.sharded_t3_attention(mesh, collective, relayout, stages)
   spec = sharding.logical_sharding(mesh, "batch", "tokens", "heads", None)
   qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
   loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, grid, blocks, "xla"))))
@@ -40,7 +41,7 @@ def check_attention(mesh, grid, blocks, collective, batch=2, heads=4, head_dim=8
   ref = attention.t3_attention(q, k, v, grid, blocks, "xla")
   ref_grads = jax.grad(loss(attention.t3_attention), argnums=(0, 1, 2))(q, k, v)
   plan = sharding.describe_relayout(grid, blocks, sharding.axis_size(mesh, "tokens"), heads, collective)
-  return {"grid": grid, "blocks": blocks, "collective": collective, "out": max_diff(out, ref), "grad": max_diff(grads, ref_grads),
+  return {"grid": grid, "blocks": blocks, "collective": collective, "relayout": relayout, "stages": stages, "out": max_diff(out, ref), "grad": max_diff(grads, ref_grads),
           "collectives": sharding.collectives_in(forward.as_text()), "plan": plan}
 
 
@@ -60,11 +61,15 @@ def main():
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   result = {"attention": []}
   mesh = sharding.make_mesh(fsdp=2, sequence=4)
-  for grid, blocks, collective in [
-      ((3, 4, 8), (3, 1, 1), "ppermute"),     # 3 frame windows on 4 devices: head groups + padding
-      ((3, 4, 8), (1, 2, 4), "all_to_all"),   # 8 windows spread over everything
-      ((3, 5, 8), (1, 2, 2), "auto")]:        # blocks don't divide the grid: padded windows
-    result["attention"].append(check_attention(mesh, grid, blocks, collective))
+  for grid, blocks, collective, relayout in [
+      ((3, 4, 8), (3, 1, 1), "ppermute", "windows"),     # 3 frame windows on 4 devices: head groups + padding
+      ((3, 4, 8), (1, 2, 4), "all_to_all", "windows"),   # 8 windows spread over everything
+      ((3, 5, 8), (1, 2, 2), "auto", "windows"),         # blocks don't divide the grid: padded windows
+      ((3, 4, 8), (1, 2, 4), "auto", "auto"),            # 4 heads on 4 shards: head groups (all-to-all)
+      ((3, 5, 8), (3, 2, 2), "auto", "heads")]:          # padded windows, head groups
+    result["attention"].append(check_attention(mesh, grid, blocks, collective, relayout))
+  # Head groups in 2 pipelined stages (8 heads, 4 shards): 2 all-to-alls per stage.
+  result["attention"].append(check_attention(mesh, (3, 4, 8), (1, 2, 4), "auto", "heads", heads=8, stages=2))
 
   # The FFN runs over chunks of tokens (of each device's own tokens when sharded), as at 4K.
   dit.FFN_CHUNK_TOKENS = 4

@@ -136,3 +136,13 @@ def test_byte_tokenizer_and_negative_prompt():
   # Wan's standard negative prompt: 28 terms separated by full-width commas.
   terms = pipeline.WAN_NEGATIVE_PROMPT.split("，")
   assert len(terms) == 28 and terms[0] == "色调艳丽" and terms[-1] == "倒着走"
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_multi_device_sampling_equals_one_device(run_on_fake_devices):
+  """4 fake devices: the DiT sequence- and guidance-parallel (2 x 2) and the VAE tiles on all
+  four give the one-device video (fp32 rounding; frames within one 8-bit step)."""
+  result = run_on_fake_devices("sampling_check.py", 4)
+  assert result["latents"] < 1e-5 * result["latents_scale"], result
+  assert result["frames"] <= 1 and result["frames_shape"] == [5, 64, 64, 3], result
+  assert "all-to-all" in result["collectives"], result  # the tokens really were split

@@ -55,12 +55,26 @@ def test_demo_writes_a_readable_mp4(tmp_path):
     assert any(line.startswith(stage) for line in stdout.splitlines()), (stage, stdout)
 
 
+def test_demo_on_several_devices(tmp_path):
+  """Sequence x guidance parallel on 4 fake CPU devices: the demo still writes its mp4."""
+  out_dir = tmp_path / "demo4"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "sample.py", "--config=configs/t3_wan.py:demo", f"--output_dir={out_dir}",
+                           "--config.sample.sequence=2", "--config.sample.guidance_parallel=True"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "DiT on mesh" in result.stdout and len(mp4s(out_dir)) == 1, result.stdout
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--config=configs/t3_wan.py:demo", "--config.sample.frames=80"], "frames must be 4k+1"),
     (["--config=configs/t3_wan.py:demo", "--config.sample.nope=1"], "unknown config field 'sample.nope'"),
     (["--config=configs/t3_wan.py", "--config.sample.dit_checkpoint={tmp}/missing"],
      "python convert_torch_weights.py SOURCE {tmp}/missing --kind dit"),
     (["--config=configs/t3_wan.py:demo", "--prompts_file={tmp}/prompts.json"], "not valid JSON"),
+    (["--config=configs/t3_wan.py:demo", "--config.sample.sequence=2"], "needs 2 devices, this process has 1"),
+    (["--config=configs/t3_wan.py:demo", "--config.sample.guidance_parallel=True", "--config.sample.guidance=1"],
+     "guidance_parallel needs guidance != 1"),
 ])
 def test_bad_input_fails_with_one_line(args, expect, tmp_path):
   (tmp_path / "prompts.json").write_text("[{\"prompt_en\": ", encoding="utf-8")

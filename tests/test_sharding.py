@@ -4,18 +4,11 @@ The multi-device checks run in a separate process with 8 fake CPU devices
 (tests/sharded_check.py), so the rest of the suite keeps its single device.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
 from t3_jax import sharding, windows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("grid,blocks", [((5, 6, 8), (5, 1, 1)), ((5, 6, 8), (1, 3, 4)),
@@ -58,20 +51,17 @@ def test_make_mesh_errors():
     sharding.make_mesh(fsdp=3, sequence=5)
 
 
-def test_sharded_equals_single_device():
+def test_sharded_equals_single_device(run_on_fake_devices):
   """8 fake devices: sharded T3 attention and sharded train steps equal the single-device ones."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_check.py")], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=ROOT)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  result = json.loads(lines[0][len("RESULT "):])
+  result = run_on_fake_devices("sharded_check.py", 8)
   for check in result["attention"]:
     assert check["out"] < 1e-5 and check["grad"] < 1e-5, check
     # Windows move by all-to-all / collective-permute; the sequence is never all-gathered.
     assert "all-gather" not in check["collectives"], check
     assert set(check["collectives"]) & {"all-to-all", "collective-permute"}, check
-    if check["collective"] != "auto":  # the exchange uses the collective asked for
+    if check["relayout"] != "windows":  # head groups: exactly two all-to-alls (in, out) per stage
+      assert check["collectives"] == {"all-to-all": 2 * check["stages"]}, check
+    elif check["collective"] != "auto":  # the exchange uses the collective asked for
       assert set(check["collectives"]) == {check["collective"].replace("ppermute", "collective-permute").replace("_", "-")}, check
   for run in result["train"]:
     np.testing.assert_allclose(run["loss"], run["ref_loss"], rtol=2e-6)
