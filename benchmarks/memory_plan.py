@@ -36,7 +36,41 @@ def parse_args():
                       "logits; CPU's XLA kernel materialises them); xla: the CPU kernel as is")
   p.add_argument("--out", default=None, help="append JSON lines here")
   p.add_argument("--hlo_dir", default=None, help="also write each compiled HLO text here")
+  p.add_argument("--residuals", action="store_true",
+                 help="instead: trace (don't compile) the variant's loss on one device and list what the "
+                      "backward pass keeps (JAX's saved residuals), the whole video, grouped by source")
   return p.parse_args()
+
+
+def print_residuals(config):
+  """The saved residuals of the DiT's loss for the whole (unsharded) video, biggest first."""
+  import collections
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax._src.ad_checkpoint import saved_residuals  # public: jax.ad_checkpoint.print_saved_residuals
+
+  from t3_jax import trainer
+
+  model, dit_cfg = trainer.build_model(config, abstract=True)
+  graphdef, state = nnx.split(model)
+  c, f, h, w = trainer.latent_shape(config, dit_cfg)
+  x = jax.ShapeDtypeStruct((1, c, f, h, w), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  context = jax.ShapeDtypeStruct((1, config.data.text_len, dit_cfg.text_dim), jnp.bfloat16)
+  loss = lambda s, x, t, context: jnp.mean(jnp.square(nnx.merge(graphdef, s)(x, t, context)))
+  groups = collections.defaultdict(lambda: [0, 0])
+  for aval, source in saved_residuals(loss, state, x, t, context):
+    key = (f"{aval.dtype}{list(aval.shape)}", source.split(" from ")[-1][:90])
+    groups[key][0] += 1
+    groups[key][1] += int(np.prod(aval.shape)) * aval.dtype.itemsize
+  total = sum(b for _, b in groups.values())
+  print(f"{config.model.preset}, latents {(c, f, h, w)}, remat {config.model.remat}: "
+        f"saved residuals {total / 2**30:.2f} GiB for the whole video (divide the token-sized ones by the sequence axis)")
+  for (array, source), (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:12]:
+    print(f"  {b / 2**30:8.2f} GiB  {n} x {array}  {source}")
 
 
 def largest_results(text: str, op: str | None = None, top: int = 3):
@@ -69,6 +103,14 @@ def main():
 
   import t3_wan
   from t3_jax import sharding, trainer
+
+  if args.residuals:
+    config = t3_wan.get_config(args.variant)
+    config.model.init_checkpoint = ""
+    if args.remat:
+      config.model.remat = args.remat
+    print_residuals(config)
+    return
 
   if args.attention == "stand_in":
     from t3_jax import attention

@@ -484,7 +484,10 @@ class WanDiT(nnx.Module):
     context = self.text_embedding(context.astype(self.dtype))
     rope = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
     x = self._run_blocks(x, context, e0, rope, grid)
-    out = self.head(x, e)
+    if self.remat == "none":
+      out = self.head(x, e)
+    else:  # the head's fp32 intermediates ([B, N, dim] x 4: 16 GiB at 4K) are recomputed, not saved
+      out = jax.checkpoint(lambda x, e: self.head(x, e))(x, e)
     if self.token_constraint is not None:
       out = self.token_constraint(out)
     return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)

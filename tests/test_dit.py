@@ -193,7 +193,9 @@ def test_gradients_with_remat_match_torch(wan21):
   for ours, param in [(d_params["blocks"]["ffn"]["fc1"]["kernel"][1].T, blocks[1].ffn.net[0].proj.weight),
                       (d_params["blocks"]["self_attn"]["q"]["kernel"][0].T, blocks[0].attn1.to_q.weight),
                       (d_params["blocks"]["modulation"][0], blocks[0].scale_shift_table),
-                      (d_params["time_projection"]["bias"], torch_model.condition_embedder.time_proj.bias)]:
+                      (d_params["time_projection"]["bias"], torch_model.condition_embedder.time_proj.bias),
+                      (d_params["head"]["linear"]["kernel"].T, torch_model.proj_out.weight),  # the head is remat'ed too
+                      (d_params["head"]["modulation"], torch_model.scale_shift_table)]:
     assert rel_err(ours, param.grad.numpy()) < TOL
 
 
