@@ -134,18 +134,27 @@ def constrain(x, mesh: Mesh | None, *logical_axes: str | None):
 
 # --- Parameters: fsdp over the largest dimension. ---
 
+# Parameters (per layer, for stacked ones) with fewer elements stay replicated: biases, norm
+# scales and modulation tables weigh nothing, and sharding them costs an all-gather each per
+# use (and made XLA's partitioner replicate-then-repartition the [6, dim] modulation).
+MIN_SHARDED_ELEMENTS = 1 << 16
+
+
 def param_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False) -> P:
   """Shards the largest dimension that divides the fsdp x sequence size.
 
   stacked: the leading axis is the [num_layers] axis of scanned blocks; it stays
   whole (the scan slices it, and a sharded slice would all-gather every layer).
-  Falls back to fsdp alone, then to replication, when nothing divides.
+  Falls back to fsdp alone, then to replication, when nothing divides, and
+  replicates parameters under MIN_SHARDED_ELEMENTS (per layer).
   """
+  first = 1 if stacked and len(shape) > 1 else 0
+  if math.prod(shape[first:]) < MIN_SHARDED_ELEMENTS:
+    return P()
   full = _mesh_axes(mesh, "params")
   candidates = [full]
   if isinstance(full, tuple):  # try the single axes too, the larger first
     candidates += sorted(full, key=lambda a: -mesh.shape[a])
-  first = 1 if stacked and len(shape) > 1 else 0
   dims = sorted(range(first, len(shape)), key=lambda d: -shape[d])
   for axes in candidates:
     if axes is None:

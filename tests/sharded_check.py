@@ -71,8 +71,10 @@ def main():
   # Head groups in 2 pipelined stages (8 heads, 4 shards): 2 all-to-alls per stage.
   result["attention"].append(check_attention(mesh, (3, 4, 8), (1, 2, 4), "auto", "heads", heads=8, stages=2))
 
-  # The FFN runs over chunks of tokens (of each device's own tokens when sharded), as at 4K.
+  # The FFN runs over chunks of tokens (of each device's own tokens when sharded), as at 4K,
+  # and the tiny model's parameters are sharded as a real model's are (none is "small").
   dit.FFN_CHUNK_TOKENS = 4
+  sharding.MIN_SHARDED_ELEMENTS = 0
   config = t3_wan.get_config("tiny")
   config.data.frames = 9                         # latents [16, 3, 8, 8]: 3x4x4 tokens
   config.model.schedule = "3,1,1;1,2,2"          # 3 frame windows, then 4 windows of 3x2x2

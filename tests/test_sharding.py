@@ -41,8 +41,9 @@ def test_param_spec_largest_divisible_dim():
   abstract = jax.sharding.AbstractMesh((1, 4, 2, 1), sharding.MESH_AXES)
   spec = sharding.param_spec((30, 1536, 8960), abstract, stacked=True)
   assert spec == jax.sharding.PartitionSpec(None, None, ("fsdp", "sequence"))
-  assert sharding.param_spec((30, 6, 1536), abstract, stacked=True)[2] == ("fsdp", "sequence")
-  assert sharding.param_spec((3,), abstract) == jax.sharding.PartitionSpec()  # nothing divides
+  assert sharding.param_spec((30, 4, 1536, 64), abstract, stacked=True)[2] == ("fsdp", "sequence")
+  assert sharding.param_spec((30, 6, 1536), abstract, stacked=True) == jax.sharding.PartitionSpec()  # small
+  assert sharding.param_spec((3 * 65537,), abstract) == jax.sharding.PartitionSpec()  # nothing divides
   assert sharding.logical_to_spec(abstract, ("batch", "tokens", "embed")) == jax.sharding.PartitionSpec("fsdp", "sequence", None)
 
 
