@@ -6,7 +6,8 @@ Sequence parallel: the 4K token sequence is split over a mesh axis "sequence"; e
 self-attention re-lays the tokens so that every device holds whole windows
 (t3_jax.sharding.sharded_t3_attention, --relayouts: "heads" = one all-to-all of head
 groups each way, "windows" = whole windows per partition), and the rest of the block
-(linears, norms, cross-attention, FFN) runs on each device's own tokens. Parameters are replicated (2.8 GB for Wan2.1-1.3B in bf16).
+(linears, norms, cross-attention, FFN) runs on each device's own tokens. Parameters are
+replicated (2.8 GB for Wan2.1-1.3B in bf16).
 Guidance parallel: the batch of two (conditional, unconditional) split over "data".
 
 For k = 1, 2, 4, ... devices it times the forward (median of --repeats) and reports

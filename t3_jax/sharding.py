@@ -193,6 +193,18 @@ def batch_shardings(batch, mesh: Mesh):
 
 # --- T3 attention over a sequence-sharded video. ---
 
+RELAYOUTS = ("auto", "heads", "windows")
+COLLECTIVES = ("auto", "all_to_all", "ppermute")
+
+
+def check_layout_options(relayout: str, collective: str) -> None:
+  """The sequence-parallel options (config mesh.relayout, mesh.collective), checked early."""
+  if relayout not in RELAYOUTS:
+    raise ValueError(f"mesh.relayout must be one of {RELAYOUTS}, got {relayout!r}")
+  if collective not in COLLECTIVES:
+    raise ValueError(f"mesh.collective must be one of {COLLECTIVES}, got {collective!r}")
+
+
 def _axis_maps(i, size: int, n: int, remote: bool):
   """Per axis of the grid: window index a, slot b, and the window's real extent v(a).
 
@@ -243,8 +255,7 @@ def _relayout_plan(grid, blocks, remote: bool, devices: int, heads: int, collect
   per unit in unit order; padding units count as full: they attend to zeros),
   padded (grid padded), use_all_to_all, padded_units, buffer (items per device).
   """
-  if collective not in ("auto", "all_to_all", "ppermute"):
-    raise ValueError(f"collective must be 'auto', 'all_to_all' or 'ppermute', got {collective!r}")
+  check_layout_options("auto", collective)
   num_tokens = math.prod(grid)
   nw = windows.num_windows(blocks)
   L = math.prod(windows.window_shape(grid, blocks))
@@ -352,16 +363,13 @@ def _unpack(out, route, plan, axis, devices):
   return tokens[:, :items]
 
 
-RELAYOUTS = ("auto", "heads", "windows")
-
-
 def head_parallel_attention(q, k, v, grid, blocks, implementation, axis: str, devices: int, stages: int = 1):
   """Inside shard_map: T3 attention with whole-sequence head groups (as DeepSpeed-Ulysses).
 
   q, k, v: [B, N/D, h, d], this device's contiguous tokens, all its h heads. One all-to-all
   turns them into [B, N, h/D, d], every token of h/D heads: every window of both partitions
   is then local, and `t3_attention` runs exactly as on one device (reshape partitions,
-  coinciding ones once, close and remote in one kernel call). One all-to-all sends the
+  coinciding ones once). One all-to-all sends the
   output back. Per layer each device sends (D-1)/D of four [N/D, h, d] tensors, half of
   what exchanging whole windows per partition costs, with no gathers or scatters.
 
@@ -400,8 +408,7 @@ def sharded_t3_attention(mesh: Mesh, collective: str = "auto", relayout: str = "
   stages: at most this many head groups pipelined by the "heads" re-layout
     (`head_parallel_attention`).
   """
-  if relayout not in RELAYOUTS:
-    raise ValueError(f"relayout must be one of {RELAYOUTS}, got {relayout!r}")
+  check_layout_options(relayout, collective)
   devices = axis_size(mesh, "tokens")
   spec = logical_to_spec(mesh, ("batch", "tokens", "heads", None))
   axis = _mesh_axes(mesh, "tokens")
@@ -591,10 +598,7 @@ def dit_kwargs(mesh: Mesh | None, collective: str = "auto", relayout: str = "aut
   on each device's own tokens, and XLA all-gathers the fsdp-sharded weights at each use
   instead of moving activations to match the weights' sharding.
   """
-  if relayout not in RELAYOUTS:
-    raise ValueError(f"mesh.relayout must be one of {RELAYOUTS}, got {relayout!r}")
-  if collective not in ("auto", "all_to_all", "ppermute"):
-    raise ValueError(f"mesh.collective must be 'auto', 'all_to_all' or 'ppermute', got {collective!r}")
+  check_layout_options(relayout, collective)
   if mesh is None or axis_size(mesh, "tokens") == 1:
     return {}
   from t3_jax import dit  # late: dit imports attention, not sharding

@@ -343,6 +343,9 @@ class Trainer:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.state_sharding)
     self.frozen_sharding = sharding.param_shardings(self.frozen_abstract, self.mesh)
 
+    if int(config.checkpoint.every) < 0:
+      raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), "
+                       f"got {config.checkpoint.every}")
     d = config.data
     self.global_batch = int(config.batch_size)
     per_device = sharding.axis_size(self.mesh, "batch")
@@ -473,8 +476,6 @@ class Trainer:
     cfg = self.config
     main = jax.process_index() == 0
     every = int(cfg.checkpoint.every)
-    if every < 0:
-      raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), got {every}")
     tokens_per_step = self.global_batch * math.prod(self.model.token_grid((1, *self.latent_shape)))
     peak = peak_flops(jax.devices()[0])
     history = []

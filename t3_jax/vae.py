@@ -786,18 +786,17 @@ def _tiled(tile_into, state, inputs, size_hw, tile, stride, *, out_scale, out_sh
     first. None: the default device.
     """
     offsets, masks, tile_hw = tile_weights(size_hw, tuple(tile), tuple(stride), out_scale)
-    devices = list(devices or [None])[:len(offsets)]
-    put = lambda x, d: x if d is None else jax.device_put(x, d)
-    states = [put(state, d) for d in devices]
-    inputs = [put(inputs, d) for d in devices]
-    canvases = [put(jnp.zeros(out_shape, out_dtype), d) for d in devices]
+    devices = list(devices or [None])[:len(offsets)]  # device_put(x, None): the default device
+    states = [jax.device_put(state, d) for d in devices]
+    inputs = [jax.device_put(inputs, d) for d in devices]
+    canvases = [jnp.zeros(out_shape, out_dtype, device=d) for d in devices]
     for i, ((h0, w0), mask) in enumerate(zip(offsets, masks)):
-        k, d = i % len(devices), devices[i % len(devices)]
-        canvases[k] = tile_into(canvases[k], states[k], tile_hw, inputs[k], put(jnp.asarray(mask), d),
-                                put(jnp.int32(h0), d), put(jnp.int32(w0), d))
+        k = i % len(devices)
+        h0, w0, mask = jax.device_put((np.int32(h0), np.int32(w0), mask), devices[k])
+        canvases[k] = tile_into(canvases[k], states[k], tile_hw, inputs[k], mask, h0, w0)
     canvas = canvases[0]
     for other in canvases[1:]:
-        canvas = _add_in_place(canvas, put(other, devices[0]))
+        canvas = _add_in_place(canvas, jax.device_put(other, devices[0]))
     return canvas
 
 
