@@ -9,6 +9,9 @@
 #                                             # latency-hiding scheduler; 4K training again
 #   bash benchmarks/run_gpu.sh OUTDIR train4k # 4K training with 95% of each GPU's memory
 #   bash benchmarks/run_gpu.sh OUTDIR four    # the multi phase, trimmed, for a 4-GPU host
+#   bash benchmarks/run_gpu.sh OUTDIR h100_4k # 4 x H100: 4K training, XLA's default memory, else 95%
+#   bash benchmarks/run_gpu.sh OUTDIR h100    # 4 x H100: 720P training on 1 and 2 GPUs and the 4K VAE
+#                                             # decode, side by side on GPUs 0 / 2-3 / 1
 set -u
 out=${1:-out}
 phase=${2:-a}
@@ -23,8 +26,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
   grep -v '^ \|^[{}]\|^\[' "$out/$name.log" | grep -v 'converting\|it/s\]\|^W0\|^I0' | tail -n 8
 }
 train() {  # train NAME GPUS BATCH LIMIT VARIANT [extra flags]: 6 steps, synthetic latents, random init
-  local name=$1 gpus=$2 batch=$3 limit=$4 variant=$5; shift 5
-  step "$name" "$limit" env CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) python3 train.py \
+  # on GPUs FIRST_GPU.. (default 0)
+  local name=$1 gpus=$2 batch=$3 limit=$4 variant=$5 first=${FIRST_GPU:-0}; shift 5
+  step "$name" "$limit" env CUDA_VISIBLE_DEVICES=$(seq -s, "$first" $((first + gpus - 1))) python3 train.py \
     --config=configs/t3_wan.py:"$variant" --workdir="/tmp/$name" --config.total_steps=6 \
     --config.model.init_checkpoint= --config.data.kind=synthetic --config.batch_size="$batch" \
     --config.checkpoint.every=0 --config.checkpoint.final=False --config.progress=False "$@"
@@ -58,6 +62,19 @@ elif [ "$phase" = train4k ]; then
   # 4K training needs ~100 GiB per device on 2 GPUs: let XLA take 95% of an H200 (not an H100).
   ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
     train "train4k_${ngpu}gpu" "$ngpu" 1 300 stage2 --config.mesh.sequence="$ngpu" )
+elif [ "$phase" = h100_4k ]; then
+  train "train4k_${ngpu}gpu" "$ngpu" 1 280 stage2 --config.mesh.sequence="$ngpu"
+  if grep -q RESOURCE_EXHAUSTED "$out/train4k_${ngpu}gpu.log"; then
+    mv "$out/train4k_${ngpu}gpu.log" "$out/train4k_${ngpu}gpu_default_memory.log"
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+      train "train4k_${ngpu}gpu" "$ngpu" 1 280 stage2 --config.mesh.sequence="$ngpu" )
+  fi
+elif [ "$phase" = h100 ]; then
+  ( FIRST_GPU=0 train train720_1gpu 1 1 200 stage1 ) &
+  ( FIRST_GPU=2 train train720_2gpu 2 2 200 stage1 ) &
+  ( export CUDA_VISIBLE_DEVICES=1; step vae21_release 260 python3 benchmarks/vae_decode.py --version wan2.1 \
+    --repeats 1 --tile 68,120 --stride 34,60 ) &
+  wait
 elif [ "$phase" = four ]; then
   step multi_gpu4 130 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
     --relayouts heads/3 --repeats 3 --json "$out/multi_gpu4.json"
