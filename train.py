@@ -54,6 +54,16 @@ def main(argv):
     # A user error (bad config value, missing checkpoint or dataset): one line, no traceback.
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # Device out of memory (at the first step's compile or run): the fixes, not a traceback.
+    # Checkpoints already in the workdir are kept.
+    print(f"error: the train step does not fit device memory ({' '.join(str(e).split())[:160]}): put more "
+          "devices on --config.mesh.sequence, lower --config.batch_size, keep --config.model.remat=full, or let "
+          "XLA take more of each GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 ran 4K on 4 x 80 GB; docs/TRAINING.md)",
+          file=sys.stderr, flush=True)
+    sys.exit(3)
   if history and jax.process_index() == 0:
     print(f"last step {history[-1]['step']}: loss {history[-1]['loss']:.5f}")
 

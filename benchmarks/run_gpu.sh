@@ -16,11 +16,11 @@ set -u
 out=${1:-out}
 phase=${2:-a}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a step past its limit gets SIGABRT: Python prints where it was
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, print its last lines
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  timeout -s KILL "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -s ABRT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
   grep -v '^ \|^[{}]\|^\[' "$out/$name.log" | grep -v 'converting\|it/s\]\|^W0\|^I0' | tail -n 8
@@ -59,8 +59,8 @@ elif [ "$phase" = stages ]; then
       --min-devices 2 --relayouts heads,heads/3 --repeats 3 --json "$out/multi_gpu_stages_lhs.json" )
   train "train4k_${ngpu}gpu" "$ngpu" 1 200 stage2 --config.mesh.sequence="$ngpu"
 elif [ "$phase" = train4k ]; then
-  # 4K training needs ~100 GiB per device on 2 GPUs: let XLA take 95% of an H200 (not an H100).
-  ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  # 4K training needs ~100 GiB per device on 2 GPUs: let XLA take 95% of an H200 (MEM_FRACTION).
+  ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
     train "train4k_${ngpu}gpu" "$ngpu" 1 300 stage2 --config.mesh.sequence="$ngpu" )
 elif [ "$phase" = h100_4k ]; then
   train "train4k_${ngpu}gpu" "$ngpu" 1 280 stage2 --config.mesh.sequence="$ngpu"

@@ -191,3 +191,22 @@ def test_train_bad_input_one_line_error(tmp_path, overrides, message):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_train_out_of_device_memory_one_line_error(tmp_path, env):
+  """A device OOM in the step (as XLA raises it on a GPU): exit 3, one `error:` line naming
+  the fixes (sequence axis, batch, remat, XLA's memory fraction), no traceback."""
+  script = ("import runpy, sys, jax\n"
+            "from t3_jax import trainer\n"
+            "def loop(self, *a, **k):\n"
+            "  raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+            "55.26GiB with allocator GPU_0_bfc on device 0.')\n"
+            "trainer.Trainer._loop = loop\n"
+            "sys.argv = ['train.py'] + sys.argv[1:]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", script, f"--workdir={tmp_path / 'w'}", *TRAIN_ARGS], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 3 and len(errors) == 1, proc.stderr[-2000:]
+  assert "55.26GiB" in errors[0] and "mesh.sequence" in errors[0] and "XLA_PYTHON_CLIENT_MEM_FRACTION" in errors[0]
+  assert "Traceback" not in proc.stderr
