@@ -34,6 +34,8 @@ import warnings
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
+from t3_jax.cli import USER_ERRORS, fail
+
 
 def define_flags() -> None:
   """The command line (defined when run as a script, so importing this module defines nothing)."""
@@ -57,15 +59,6 @@ FLAGS = flags.FLAGS
 
 SHORT_FLAGS = ("prompt", "prompts_file", "output_dir", "seed", "steps", "guidance", "height", "width", "frames",
                "fps", "save_latents")
-BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
-
-
-def fail(message: str) -> None:
-  message = " ".join(str(message).split())  # one line
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 # ----------------------------------------------------------------------------- flags
 
 
@@ -321,7 +314,7 @@ def main(argv):
   try:
     s = sample_config()
     run(s)
-  except BAD_INPUT as e:
+  except USER_ERRORS as e:
     if os.environ.get("T3_TRACEBACK"):
       raise
     fail(e)

@@ -16,7 +16,6 @@ LoRA adapters merge with `python -m t3_jax.lora merge --ckpt BASE --lora WORKDIR
 
 import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -39,7 +38,7 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.getLogger().setLevel(logging.WARNING)
 
-  from t3_jax import trainer
+  from t3_jax import cli, trainer
 
   if FLAGS.export:
     print(f"exported to {trainer.export_params(FLAGS.workdir, FLAGS.export)}")
@@ -50,20 +49,17 @@ def main(argv):
           f"variant {config.get('variant')}, workdir {FLAGS.workdir}")
   try:
     history = trainer.Trainer(config, FLAGS.workdir).train()
-  except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
-    # A user error (bad config value, missing checkpoint or dataset): one line, no traceback.
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except cli.USER_ERRORS as e:  # a bad config value, a missing checkpoint or dataset
+    cli.fail(e)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     # Device out of memory (at the first step's compile or run): the fixes, not a traceback.
     # Checkpoints already in the workdir are kept.
-    print(f"error: the train step does not fit device memory ({' '.join(str(e).split())[:160]}): put more "
-          "devices on --config.mesh.sequence, lower --config.batch_size, keep --config.model.remat=full, or let "
-          "XLA take more of each GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 ran 4K on 4 x 80 GB; docs/TRAINING.md)",
-          file=sys.stderr, flush=True)
-    sys.exit(3)
+    cli.fail(f"the train step does not fit device memory ({' '.join(str(e).split())[:160]}): put more "
+             "devices on --config.mesh.sequence, lower --config.batch_size, keep --config.model.remat=full, or let "
+             "XLA take more of each GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 ran 4K on 4 x 80 GB; docs/TRAINING.md)",
+             status=3)
   if history and jax.process_index() == 0:
     print(f"last step {history[-1]['step']}: loss {history[-1]['loss']:.5f}")
 

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import ml_dtypes  # registers bfloat16 with numpy (safetensors' numpy reader needs it)
 import numpy as np
 
+from t3_jax import cli
+
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
@@ -622,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = convert(args.source, args.output_dir, kind=args.kind, dtype=args.dtype, model=args.model,
                   overwrite=args.overwrite, progress=not args.quiet)
   except (ConversionError, OSError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    cli.error(e)
     return 2
   print(f"wrote {out}")
   return 0

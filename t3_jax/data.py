@@ -47,10 +47,11 @@ import json
 import logging
 import os
 import pathlib
-import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from t3_jax import cli
 
 logger = logging.getLogger(__name__)
 
@@ -616,4 +617,4 @@ if __name__ == "__main__":
   try:
     main()
   except (FileNotFoundError, FileExistsError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(e, status=1)
