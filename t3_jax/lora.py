@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t3_jax import cli
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
@@ -171,7 +173,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   merge.add_argument("--output", required=True, help="directory for the merged checkpoint")
   merge.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
-  out = merge_checkpoint(args.ckpt, args.lora, args.output, args.step, args.overwrite)
+  try:
+    out = merge_checkpoint(args.ckpt, args.lora, args.output, args.step, args.overwrite)
+  except cli.USER_ERRORS as e:  # a missing checkpoint or workdir, an existing output
+    cli.fail(e)
   print(f"merged checkpoint written to {out}")
 
 

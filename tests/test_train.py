@@ -210,3 +210,14 @@ def test_train_out_of_device_memory_one_line_error(tmp_path, env):
   assert proc.returncode == 3 and len(errors) == 1, proc.stderr[-2000:]
   assert "55.26GiB" in errors[0] and "mesh.sequence" in errors[0] and "XLA_PYTHON_CLIENT_MEM_FRACTION" in errors[0]
   assert "Traceback" not in proc.stderr
+
+
+def test_lora_merge_bad_input_one_line_error(tmp_path, env):
+  """`python -m t3_jax.lora merge` with a missing base checkpoint: exit 2, one `error:` line
+  naming it, no traceback, no output folder."""
+  proc = subprocess.run([sys.executable, "-m", "t3_jax.lora", "merge", "--ckpt", str(tmp_path / "nope"),
+                         "--lora", str(tmp_path / "work"), "--output", str(tmp_path / "merged")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1 and "nope" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and not (tmp_path / "merged").exists()
