@@ -103,8 +103,8 @@ def block_fns(model, grid):
     f = jax.jit(lambda s, x, c, e0, rope: nnx.merge(graphdef, s)(x, c, e0, rope, grid, blocks))
     return lambda: f(layer0, x, context, e0, rope)
 
-  def attn(blocks, fuse_partitions=True):
-    f = jax.jit(lambda q, k, v: attention.t3_attention(q, k, v, grid, blocks, fuse_partitions=fuse_partitions))
+  def attn(blocks, **options):  # options of t3_attention; its defaults are the model's
+    f = jax.jit(lambda q, k, v: attention.t3_attention(q, k, v, grid, blocks, **options))
     return lambda: f(*qkv)
 
   return block, attn
@@ -117,8 +117,8 @@ def attention_fusion(args, model, grid, per_layer, result):
   for blocks in dict.fromkeys(per_layer):
     if windows.partitions_coincide(grid, blocks):
       continue
-    fused, _ = timed(attn(blocks, True), repeats=args.repeats)
-    separate, _ = timed(attn(blocks, False), repeats=args.repeats)
+    fused, _ = timed(attn(blocks, fuse_partitions=True), repeats=args.repeats)
+    separate, _ = timed(attn(blocks, fuse_partitions=False), repeats=args.repeats)
     rows[str(blocks)] = {"fused_s": fused, "separate_s": separate, "count": per_layer.count(blocks)}
     print(f"  layer {blocks}: one call {fused * 1e3:.1f} ms, two calls {separate * 1e3:.1f} ms", flush=True)
   result["attention_fusion"] = rows

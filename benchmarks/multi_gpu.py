@@ -48,8 +48,7 @@ def timed(fn, repeats):
 
 def forward_on(mesh, model_state, graphdef_fn, inputs):
   """Jitted forward on `mesh`: params replicated, batch over "batch", tokens over "sequence"."""
-  model = graphdef_fn(mesh)
-  graphdef, _ = nnx.split(model)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: graphdef_fn(mesh)))  # no weights: they come in model_state
   replicated = sharding.replicated(mesh)
   state = jax.device_put(model_state, replicated)
   batch_sharding = sharding.batch_shardings(inputs, mesh)

@@ -70,8 +70,9 @@ def choose_implementation(implementation: str | None, dtype, head_dim: int,
 
 
 # The XLA kernel materialises [windows, heads, L, L] logits: above this many elements
-# it runs over chunks of windows (a scan) so that memory stays bounded.
-_XLA_MAX_LOGITS = 1 << 27
+# it runs over chunks of windows (a scan) so that memory stays bounded. The DiT's XLA
+# cross-attention uses the same bound for its chunks of queries.
+XLA_MAX_LOGITS = 1 << 27
 
 
 def _pad_windows(x, length: int):
@@ -84,14 +85,12 @@ def _attend_dot_product(q, k, v, lengths, implementation):
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
   num_windows, length, heads, _ = q.shape
-  if lengths is not None:
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if implementation == "cudnn" and length % 2:
-      # cuDNN's backward pass with a padding mask takes even lengths only: pad one
-      # more (masked) slot; its output row is dropped.
-      q, k, v = (_pad_windows(x, length + 1) for x in (q, k, v))
-      return kernel(q, k, v, lengths)[:, :length]
-  chunk = max(1, _XLA_MAX_LOGITS // (length * length * heads))
+  if lengths is not None and implementation == "cudnn" and length % 2:
+    # cuDNN's backward pass with a padding mask takes even lengths only: pad one
+    # more (masked) slot; its output row is dropped.
+    q, k, v = (_pad_windows(x, length + 1) for x in (q, k, v))
+    return kernel(q, k, v, lengths)[:, :length]
+  chunk = max(1, XLA_MAX_LOGITS // (length * length * heads))
   if implementation != "xla" or chunk >= num_windows:
     return kernel(q, k, v, lengths)
   while num_windows % chunk:  # a chunk size that divides the windows: no ragged tail
@@ -139,6 +138,10 @@ def attend(q, k, v, lengths=None, implementation: str | None = None):
   Returns [windows, tokens_per_window, heads, head_dim].
   """
   implementation = choose_implementation(implementation, q.dtype, q.shape[-1])
+  if lengths is not None:
+    # A window can be all padding (e.g. 5 rows in 4 close windows of 2): let it see one
+    # zero key rather than none, so that no kernel gives NaN; its outputs are dropped.
+    lengths = jnp.maximum(jnp.asarray(lengths, jnp.int32), 1)
   if implementation == "pallas":
     return _attend_splash(q, k, v, lengths)
   return _attend_dot_product(q, k, v, lengths, implementation)
@@ -180,9 +183,7 @@ def t3_attention(q, k, v, grid: Sequence[int], blocks: Sequence[int],
     [nw] real tokens, or None. One kernel call over all windows of all parts."""
     qkv = [constrain(jnp.concatenate(x, axis=1)) for x in zip(*parts)]
     if lengths is not None:  # window order after folding: (batch, partition, window)
-      # A close window can be all padding (e.g. 5 rows in 4 windows of 2): let it see
-      # one zero key rather than none, so nothing is NaN; its outputs are dropped.
-      lengths = np.tile(np.maximum(np.concatenate(lengths), 1), q.shape[0])
+      lengths = np.tile(np.concatenate(lengths), q.shape[0])
     out = attend(*(_fold(x) for x in qkv), lengths=lengths, implementation=implementation)
     out = constrain(out.reshape(qkv[0].shape))
     return jnp.split(out, len(parts), axis=1)

@@ -184,10 +184,8 @@ def detect_dit(shapes: Mapping[str, Shape], preset: str | None = None) -> Detect
 
   layout = _layout_of(shapes, DIT_LAYOUTS)
   if layout is None:
-    guess = _guess_kind(shapes)
-    hint = f"; it looks like a {guess} checkpoint (use --kind {guess})" if guess not in (None, "dit") else ""
-    raise ConversionError(f"not a Wan DiT checkpoint: none of its {len(shapes)} tensors (e.g. "
-                          f"{', '.join(sorted(shapes)[:3])}) has a Wan DiT name{hint}")
+    raise _not_this_kind(shapes, "dit", "Wan DiT", f"none of its {len(shapes)} tensors (e.g. "
+                         f"{', '.join(sorted(shapes)[:3])}) has a Wan DiT name")
   probes = _DIT_PROBES[layout]
   missing = [k for k in probes.values() if k not in shapes or not shapes[k]]
   if missing:
@@ -240,7 +238,7 @@ def dit_target(detected: Detected, dtype) -> dict:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def _not_this_kind(shapes: Mapping[str, Shape], kind: str, name: str, error: Exception) -> ConversionError:
+def _not_this_kind(shapes: Mapping[str, Shape], kind: str, name: str, error: Exception | str) -> ConversionError:
   guess = _guess_kind(shapes)
   hint = f"; it looks like a {guess} checkpoint (use --kind {guess})" if guess not in (None, kind) else ""
   return ConversionError(f"not a {name} checkpoint: {error}{hint}")

@@ -234,10 +234,6 @@ class Attention(nnx.Module):
     return self.o((attend or _dense_attention)(q, k, v, implementation).reshape(x.shape))
 
 
-# Above this many logits the XLA cross-attention runs over chunks of queries.
-_MAX_LOGITS = 1 << 27
-
-
 def _dense_attention(q, k, v, implementation):
   """Full softmax attention with unequal query/key lengths (cross-attention).
 
@@ -249,7 +245,7 @@ def _dense_attention(q, k, v, implementation):
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   batch, _, heads, _ = q.shape
-  max_queries = max(1, _MAX_LOGITS // (batch * heads * k.shape[1]))
+  max_queries = max(1, attention_lib.XLA_MAX_LOGITS // (batch * heads * k.shape[1]))
   return _over_token_chunks(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"),
                             q, max_queries)
 

@@ -124,8 +124,7 @@ def euler_sigmas(num_steps: int = 50, shift: float = 5.0):
   u = linspace(1, 0, num_steps + 1)[:-1] shifted, then a final 0 (the last step lands on
   sigma = 0); timesteps = 1000 * sigma of each step, the DiT's input.
   """
-  sigmas = _release_sigmas(num_steps, shift)
-  timesteps = (sigmas * np.float32(NUM_TRAIN_TIMESTEPS)).astype(np.float32)
+  sigmas, timesteps = training_sigmas(num_steps, shift)
   return np.append(sigmas, np.float32(0)), timesteps
 
 

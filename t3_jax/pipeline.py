@@ -416,9 +416,7 @@ class T3Pipeline:
 
   def token_grid(self, shape: VideoShape) -> tuple[int, int, int]:
     """(T, H, W) DiT tokens of a video shape."""
-    pt, ph, pw = self.dit.config.patch_size
-    _, f, h, w = shape.latent
-    return (f // pt, h // ph, w // pw)
+    return self.dit.token_grid((1, *shape.latent))
 
   def window_pattern(self, shape: VideoShape) -> tuple:
     """The self-attention block counts (n_t, n_h, n_w) of one schedule cycle at this shape."""

@@ -478,13 +478,9 @@ def sharded_t3_attention(mesh: Mesh, collective: str = "auto", relayout: str = "
   return attention
 
 
-_LOGGED: set[str] = set()
-
-
+@functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:
-  if message not in _LOGGED:
-    _LOGGED.add(message)
-    log.warning(message)
+  log.warning(message)
 
 
 def describe_relayout(grid, blocks, devices: int, heads: int, collective: str = "auto") -> list[dict]:

@@ -91,12 +91,9 @@ def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
   With a mesh whose sequence axis is > 1 the DiT's self-attention is sequence-parallel."""
   cfg = dit_config(config)
   m = config.model
-  schedule = m.get("schedule", None)
-  if isinstance(schedule, (list, tuple)):
-    schedule = tuple(tuple(int(v) for v in t) for t in schedule)
 
   def make(seed=0):
-    return dit_lib.WanDiT(cfg, attention=m.attention, schedule=schedule, dtype=_dtype(m.dtype),
+    return dit_lib.WanDiT(cfg, attention=m.attention, schedule=m.get("schedule"), dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), remat=m.remat,
                           implementation=m.get("implementation", None), rngs=nnx.Rngs(seed),
                           **sharding.dit_kwargs(mesh, config.mesh.get("collective", "auto"),
@@ -465,9 +462,6 @@ class Trainer:
       self.loader.close()
 
   def _save(self, mngr, step: int, state, force: bool = False):
-    if step in mngr.all_steps() or step == getattr(self, "_last_saved", None):
-      return
-    self._last_saved = step
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             data=ocp.args.JsonSave(self.loader.get_state()),
                                             run=ocp.args.JsonSave(self._run_info())), force=force)
@@ -484,7 +478,7 @@ class Trainer:
       from tqdm import tqdm
       progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not cfg.get("progress", True))
     with _Preemption() as preemption, open(metrics_path, "a") if main else contextlib.nullcontext() as out:
-      last = time.perf_counter()
+      last, last_step = time.perf_counter(), start  # the previous log record
       for step in range(start, total):
         local = next(self.loader)
         batch = _global_batch(local, self.batch_sharding)
@@ -493,8 +487,8 @@ class Trainer:
         if done % cfg.log_every == 0 or done == total:
           metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
           now = time.perf_counter()
-          seconds = (now - last) / (cfg.log_every if done % cfg.log_every == 0 else 1)
-          last = now
+          seconds = (now - last) / (done - last_step)  # per step since the previous record
+          last, last_step = now, done
           record = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
                     "skipped_steps": int(metrics["skipped"]), "steps_per_s": 1.0 / seconds,
                     "tokens_per_s": tokens_per_step / seconds,

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from t3_jax import checkpoint, convert, dit
+from t3_jax import attention, checkpoint, convert, dit
 
 import diffusers  # noqa: E402  (requirements-test.txt)
 
@@ -89,7 +89,8 @@ def wan22(tmp_path_factory):
 def test_wan21_matches_diffusers(wan21, ffn_chunk_tokens, monkeypatch):
   if ffn_chunk_tokens:  # the FFN and the cross-attention's queries over chunks of tokens, as at 4K
     monkeypatch.setattr(dit, "FFN_CHUNK_TOKENS", ffn_chunk_tokens)
-    monkeypatch.setattr(dit, "_MAX_LOGITS", 192)  # batch 2 x 2 heads x 7 text tokens: chunks of 6 of the 18 queries
+    # batch 2 x 2 heads x 7 text tokens: chunks of 6 of the 18 queries (and self-attention one window at a time)
+    monkeypatch.setattr(attention, "XLA_MAX_LOGITS", 192)
   model = dit.load_dit(wan21["ckpt"], attention="full", dtype=jnp.float32)
   assert model.config == dit.PRESETS["tiny-wan2.1"]
   out = forward(model, *wan21["inputs"])
