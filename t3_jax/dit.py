@@ -567,15 +567,10 @@ def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bflo
   stored_dtype = jnp.dtype(config_dict.get("dtype", "float32"))
   param_dtype = stored_dtype if param_dtype is None else jnp.dtype(param_dtype)
 
-  def build(dtype_of_params):
-    return WanDiT(config, attention=attention, schedule=schedule, dtype=dtype, param_dtype=dtype_of_params,
-                  remat=remat, implementation=implementation, window_constraint=window_constraint,
-                  rngs=nnx.Rngs(0), **layout_hooks)
-
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build(stored_dtype)))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(
+      config, attention=attention, schedule=schedule, dtype=dtype, param_dtype=param_dtype, remat=remat,
+      implementation=implementation, window_constraint=window_constraint, rngs=nnx.Rngs(0), **layout_hooks)))
+  # Restored straight into param_dtype (Orbax casts as it reads: no second copy on the host).
   params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
-  if param_dtype != stored_dtype:
-    params = jax.tree.map(lambda a: a.astype(param_dtype), params)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(param_dtype)))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
