@@ -1153,10 +1153,9 @@ def load_vae(ckpt_dir: str, dtype=jnp.bfloat16, param_dtype=jnp.float32) -> WanV
     """
     from t3_jax import checkpoint
 
-    cfg_dict = checkpoint.read_config(ckpt_dir)
-    if cfg_dict.get("kind") != "vae":
-        raise ValueError(f"{ckpt_dir} holds a {cfg_dict.get('kind')!r} checkpoint, not a 'vae' one")
-    config = VAEConfig.from_dict(cfg_dict)
-    abstract = nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype))
-    params, _ = checkpoint.load_checkpoint(ckpt_dir, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    return vae_from_params(config, params, dtype=dtype, param_dtype=param_dtype)
+    config = VAEConfig.from_dict(checkpoint.read_config(ckpt_dir, kind="vae"))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype)))
+    # Restored into the abstract model's structure and dtypes (integer list keys included).
+    params, _ = checkpoint.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
