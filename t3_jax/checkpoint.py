@@ -30,15 +30,30 @@ def _to_saveable(tree):
   return jax.tree.map(lambda x: np.asarray(x) if np.ndim(x) == 0 else x, tree)
 
 
+def check_output_dir(directory: str, overwrite: bool = False) -> None:
+  """Fails where a checkpoint could not be written to `directory`: call it before the work
+  that makes the checkpoint (loading models, reading a source)."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    if not os.path.isdir(directory):
+      raise NotADirectoryError(f"{directory} exists and is not a directory")
+    if os.listdir(directory) and not overwrite:
+      raise FileExistsError(f"{directory} exists and is not empty: choose a new output directory or pass --overwrite")
+  ancestor = os.path.dirname(directory)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise NotADirectoryError(f"cannot create {directory}: {ancestor} is not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise PermissionError(f"cannot write to {ancestor}: choose a writable output directory")
+
+
 def save_checkpoint(directory: str, params: dict, config: dict, overwrite: bool = False) -> str:
   """Writes `params` (nested dict of arrays) and `config` atomically to `directory`."""
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite and os.listdir(directory):
-    raise FileExistsError(f"{directory} exists and is not empty: choose a new output directory or pass --overwrite")
+  check_output_dir(directory, overwrite)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  if not os.access(parent, os.W_OK):
-    raise PermissionError(f"cannot write to {parent}: choose a writable output directory")
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
   try:
     checkpointer = ocp.StandardCheckpointer()

@@ -546,23 +546,6 @@ def plan(rules: Sequence[Rule], target: Mapping[str, jax.ShapeDtypeStruct],
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
 
-def _check_output(directory: str, overwrite: bool):
-  """Fails early (before reading anything) where the output could not be written."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    if not os.path.isdir(directory):
-      raise ConversionError(f"{directory} exists and is not a directory")
-    if os.listdir(directory) and not overwrite:
-      raise ConversionError(f"{directory} exists and is not empty: choose a new output directory or pass --overwrite")
-  ancestor = os.path.dirname(directory)
-  while not os.path.exists(ancestor):
-    ancestor = os.path.dirname(ancestor)
-  if not os.path.isdir(ancestor):
-    raise ConversionError(f"cannot create {directory}: {ancestor} is not a directory")
-  if not os.access(ancestor, os.W_OK | os.X_OK):
-    raise ConversionError(f"cannot write to {ancestor}: choose a writable output directory")
-
-
 def convert(source: str, output_dir: str, kind: str = "dit", dtype: str = "bf16",
             model: str | None = None, overwrite: bool = False, progress: bool = True) -> str:
   """Converts `source` to a t3-jax checkpoint at `output_dir`; returns its path."""
@@ -576,7 +559,7 @@ def convert(source: str, output_dir: str, kind: str = "dit", dtype: str = "bf16"
   if dtype not in DTYPES:
     raise ConversionError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
   spec, np_dtype = KINDS[kind], np.dtype(DTYPES[dtype])
-  _check_output(output_dir, overwrite)
+  checkpoint.check_output_dir(output_dir, overwrite)  # before reading anything
 
   with open_source(source) as src:
     raw_key = strip_prefixes(src.shapes)

@@ -151,6 +151,7 @@ def merge_checkpoint(ckpt: str, lora_dir: str, output: str, step: int | None = N
   from t3_jax import checkpoint as checkpoint_lib
   from t3_jax import trainer as trainer_lib
 
+  checkpoint_lib.check_output_dir(output, overwrite)  # before loading anything
   params, config = checkpoint_lib.load_checkpoint(ckpt, kind="dit")
   adapters, meta = trainer_lib.load_trained_params(lora_dir, step)
   lora_meta = meta.get("lora") or {}

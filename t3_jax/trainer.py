@@ -518,6 +518,7 @@ class Trainer:
 def export_params(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> str:
   """Saves a full fine-tune's trained DiT as a plain checkpoint (`dit.load_dit` loads it)."""
   from t3_jax import checkpoint as checkpoint_lib
+  checkpoint_lib.check_output_dir(output, overwrite)  # before loading anything
   params, run = load_trained_params(workdir, step)
   if run.get("lora"):
     raise ValueError(f"{workdir} trained LoRA adapters: merge them with `python -m t3_jax.lora merge`")
