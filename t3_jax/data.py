@@ -213,6 +213,18 @@ def _to_float16(x: np.ndarray, what: str, source: str) -> np.ndarray:
   return x16
 
 
+def _check_prepare(output_dir: pathlib.Path, height: int, width: int, frames: int, process_index: int,
+                   process_count: int) -> pathlib.Path:
+  """The arguments of `prepare_dataset`, checked before any model loads; returns this
+  process's new shard path."""
+  if frames < 1 or frames % 4 != 1:
+    raise ValueError(f"frames={frames} must be 4k+1 (e.g. 81): the Wan VAE compresses time by 4.")
+  if height <= 0 or width <= 0 or height % 16 or width % 16:
+    raise ValueError(f"height={height}, width={width} must be positive multiples of 16 (VAE stride x patch).")
+  _default_process(process_index, process_count)  # the range check
+  return _new_shard_path(output_dir, process_index, process_count)
+
+
 def prepare_dataset(items: Sequence[VideoItem], output_dir: str | os.PathLike, encode_fn: EncodeFn,
                     text_fn: TextFn, *, height: int = 704, width: int = 1280, frames: int = 81,
                     fps: float | None = None, process_index: int = 0, process_count: int = 1,
@@ -232,14 +244,8 @@ def prepare_dataset(items: Sequence[VideoItem], output_dir: str | os.PathLike, e
   from array_record.python.array_record_module import ArrayRecordWriter
   import tqdm
 
-  if frames < 1 or frames % 4 != 1:
-    raise ValueError(f"frames={frames} must be 4k+1 (e.g. 81): the Wan VAE compresses time by 4.")
-  if height <= 0 or width <= 0 or height % 16 or width % 16:
-    raise ValueError(f"height={height}, width={width} must be positive multiples of 16 (VAE stride x patch).")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count}).")
   output_dir = pathlib.Path(output_dir)
-  shard_path = _new_shard_path(output_dir, process_index, process_count)
+  shard_path = _check_prepare(output_dir, height, width, frames, process_index, process_count)
   output_dir.mkdir(parents=True, exist_ok=True)
 
   mine = list(items[process_index::process_count])
@@ -602,7 +608,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     finalize_dataset(args.output)
     return
   items = load_captions(args.captions, args.videos)
-  _new_shard_path(pathlib.Path(args.output), args.process_index, args.process_count)  # fail before loading models
+  _check_prepare(pathlib.Path(args.output), args.height, args.width, args.frames, args.process_index,
+                 args.process_count)  # fail before loading models
   encode_fn, text_fn = _model_encoders(args.vae, args.umt5, args.tokenizer,
                                        text_batch_size=args.text_batch_size, vae_tiled=args.vae_tiled)
   prepare_dataset(items, args.output, encode_fn, text_fn, height=args.height, width=args.width,
