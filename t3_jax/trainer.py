@@ -44,10 +44,9 @@ from t3_jax import flow
 from t3_jax import lora as lora_lib
 from t3_jax import schedule as schedule_lib
 from t3_jax import sharding
+from t3_jax import vae as vae_lib
 
 log = logging.getLogger(__name__)
-
-VAE_STRIDE = {"wan2.1": (4, 8, 8), "wan2.2": (4, 16, 16)}
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (matched on device_kind).
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("H20", 148e12),
@@ -78,7 +77,8 @@ def dit_config(config) -> dit_lib.DiTConfig:
 
 def latent_shape(config, dit_cfg: dit_lib.DiTConfig) -> tuple[int, int, int, int]:
   """[C, F, H, W] latents of a (frames, height, width) video through Wan's VAE."""
-  st, sh, sw = VAE_STRIDE[dit_cfg.family]
+  vae_cfg = vae_lib.get_config(dit_cfg.family)  # the DiT family's VAE
+  st, sh, sw = vae_cfg.temporal_stride, vae_cfg.spatial_stride, vae_cfg.spatial_stride
   d = config.data
   if (d.frames - 1) % st or d.height % sh or d.width % sw:
     raise ValueError(f"video {d.frames}x{d.height}x{d.width} doesn't fit the VAE stride {(st, sh, sw)}: "
