@@ -6,12 +6,12 @@
 
 SOURCE: a .safetensors file, a sharded *.safetensors.index.json, a folder holding them,
 or a .pth/.pt file; Wan's original and diffusers key layouts are detected. See
-t3_jax/convert.py.
+t3_jax/weights/convert.py.
 """
 
 import sys
 
-from t3_jax.convert import main
+from t3_jax.weights.convert import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -28,7 +28,6 @@ a bad prompts file) prints one line `error: ...` and exits with status 2.
 import json
 import os
 import re
-import sys
 import warnings
 
 from absl import app, flags, logging as absl_logging
@@ -199,7 +198,7 @@ def write_npy(path: str, array) -> None:
 
 
 def validate(s) -> None:
-  from t3_jax import flow, pipeline
+  from t3_jax.diffusion import flow, pipeline
 
   pipeline.check_frames(s.frames)  # both Wan VAEs: temporal stride 4
   pipeline.round_size(s.height, s.width, 1)
@@ -220,9 +219,10 @@ def validate(s) -> None:
 
 
 def build_pipeline(s):
-  from t3_jax import pipeline, sharding
+  from t3_jax.diffusion import pipeline
+  from t3_jax.parallel import layout as layout_lib
 
-  mesh = sharding.sampling_mesh(s.sequence, s.guidance_parallel)
+  mesh = layout_lib.sampling_mesh(s.sequence, s.guidance_parallel)
   if s.random_init:
     return pipeline.T3Pipeline.random(s.random_init, seed=0, num_layers=s.random_num_layers,
                                       attention=s.attention, schedule=s.schedule, dtype=s.dtype,
@@ -237,7 +237,7 @@ def run(s) -> None:
 
   import jax
 
-  from t3_jax import pipeline
+  from t3_jax.diffusion import pipeline
 
   validate(s)
   prompts = load_prompts(s.prompts_file) if s.prompts_file else [s.prompt]

@@ -11,7 +11,7 @@ auto-detection, or --coordinator_address/--num_processes/--process_id, or the
 JAX_COORDINATOR_ADDRESS environment variable).
 
 After training: --export=DIR writes a full fine-tune's DiT as a plain checkpoint;
-LoRA adapters merge with `python -m t3_jax.lora merge --ckpt BASE --lora WORKDIR --output DIR`.
+LoRA adapters merge with `python -m t3_jax.training.lora merge --ckpt BASE --lora WORKDIR --output DIR`.
 """
 
 import logging
@@ -38,7 +38,8 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.getLogger().setLevel(logging.WARNING)
 
-  from t3_jax import cli, trainer
+  from t3_jax import cli
+  from t3_jax.training import trainer
 
   if FLAGS.export:
     print(f"exported to {trainer.export_params(FLAGS.workdir, FLAGS.export)}")

@@ -16,7 +16,7 @@ block_until_ready):
   - each layer kind's self-attention alone (t3_attention), the rest of the block
     (linear layers, norms, cross-attention) being the difference;
   - a bf16 8192^3 matmul, the MFU yardstick of this run.
-FLOPs are 2 x MACs from t3_jax.schedule.model_macs, coinciding partitions counted once.
+FLOPs are 2 x MACs from t3_jax.core.schedule.model_macs, coinciding partitions counted once.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t3_jax import attention, dit, schedule, windows
+from t3_jax.core import attention
+from t3_jax.models import dit
+from t3_jax.core import schedule
+from t3_jax.core import windows
 
 
 def timed(fn, *args, repeats=3, warmup=1):
@@ -68,7 +71,7 @@ def peak_bytes():
 
 def build_model(args, config):
   if args.ref:
-    from t3_jax import convert
+    from t3_jax.weights import convert
     ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
     convert.convert(os.path.join(args.ref, "model.safetensors"), ckpt, kind="dit", dtype="bf16")
     return dit.load_dit(ckpt, attention="t3", dtype=jnp.bfloat16)

@@ -52,7 +52,7 @@ def print_residuals(config):
   from flax import nnx
   from jax._src.ad_checkpoint import saved_residuals  # public: jax.ad_checkpoint.print_saved_residuals
 
-  from t3_jax import trainer
+  from t3_jax.training import trainer
 
   model, dit_cfg = trainer.build_model(config, abstract=True)
   graphdef, state = nnx.split(model)
@@ -102,7 +102,9 @@ def main():
   import jax.numpy as jnp
 
   import t3_wan
-  from t3_jax import sharding, trainer
+  from t3_jax.core import sequence_parallel
+  from t3_jax.parallel import mesh as mesh_lib
+  from t3_jax.training import trainer
 
   if args.residuals:
     config = t3_wan.get_config(args.variant)
@@ -113,7 +115,7 @@ def main():
     return
 
   if args.attention == "stand_in":
-    from t3_jax import attention
+    from t3_jax.core import attention
 
     def stand_in(q, k, v, lengths=None, implementation=None):
       """Flash attention's memory footprint (saves q, k, v; no [L, L] logits), not its math."""
@@ -133,7 +135,7 @@ def main():
       config.model.remat = args.remat
     if args.layers:
       config.model.overrides.num_layers = args.layers
-    mesh = sharding.make_mesh(1, n // seq, seq, 1, devices=jax.devices()[:n])
+    mesh = mesh_lib.make_mesh(1, n // seq, seq, 1, devices=jax.devices()[:n])
     t0 = time.time()
     tr = trainer.Trainer(config, "/tmp/memory_plan_unused", mesh=mesh)
     batch = {k: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=tr.batch_sharding[k])
@@ -157,7 +159,7 @@ def main():
         "temp_gib": gib(mem.temp_size_in_bytes), "alias_gib": gib(mem.alias_size_in_bytes),
         "total_gib": gib(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                          + mem.temp_size_in_bytes),
-        "collectives": sharding.collectives_in(text),
+        "collectives": sequence_parallel.collectives_in(text),
         "largest_all_gathers": largest_results(text, "all-gather"),
         "largest_all_to_alls": largest_results(text, "all-to-all"),
         "largest_buffers": largest_results(text, None, top=6),

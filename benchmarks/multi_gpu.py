@@ -4,7 +4,7 @@
 
 Sequence parallel: the 4K token sequence is split over a mesh axis "sequence"; each
 self-attention re-lays the tokens so that every device holds whole windows
-(t3_jax.sharding.sharded_t3_attention, --relayouts: "heads" = one all-to-all of head
+(t3_jax.parallel.sharded_t3_attention, --relayouts: "heads" = one all-to-all of head
 groups each way, "windows" = whole windows per partition), and the rest of the block
 (linears, norms, cross-attention, FFN) runs on each device's own tokens. Parameters are
 replicated (2.8 GB for Wan2.1-1.3B in bf16).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -33,7 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t3_jax import dit, sharding
+from t3_jax.models import dit
+from t3_jax.parallel import mesh as mesh_lib
+from t3_jax.core import sequence_parallel
+from t3_jax.parallel import layout as layout_lib
 
 
 def timed(fn, repeats):
@@ -49,11 +51,11 @@ def timed(fn, repeats):
 def forward_on(mesh, model_state, graphdef_fn, inputs):
   """Jitted forward on `mesh`: params replicated, batch over "batch", tokens over "sequence"."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: graphdef_fn(mesh)))  # no weights: they come in model_state
-  replicated = sharding.replicated(mesh)
+  replicated = mesh_lib.replicated(mesh)
   state = jax.device_put(model_state, replicated)
-  batch_sharding = sharding.batch_shardings(inputs, mesh)
+  batch_sharding = mesh_lib.batch_shardings(inputs, mesh)
   inputs = jax.device_put(inputs, batch_sharding)
-  out_sharding = sharding.logical_sharding(mesh, "batch", None, None, None, None)
+  out_sharding = mesh_lib.logical_sharding(mesh, "batch", None, None, None, None)
   f = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c), out_shardings=out_sharding)
   return (lambda: f(state, *inputs)), f.lower(state, *inputs).compile()
 
@@ -83,7 +85,7 @@ def main(argv=None):
   def builder(relayout):  # "heads", "heads/3" (3 pipelined stages), "windows", "auto"
     name, _, stages = relayout.partition("/")
     return lambda mesh: dit.WanDiT(config, attention="t3", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-                                   **sharding.dit_kwargs(mesh, relayout=name, stages=int(stages or 1)))
+                                   **layout_lib.dit_kwargs(mesh, relayout=name, stages=int(stages or 1)))
 
   _, state = nnx.split(nnx.eval_shape(lambda: builder("auto")(None)))
   state = jax.tree.map(lambda s: jnp.asarray(
@@ -107,7 +109,7 @@ def main(argv=None):
   setups = [s for s in setups if s[1] * s[2] >= args.min_devices]
   reference = None
   for name, data, seq, relayout in setups:
-    mesh = sharding.make_mesh(data=data, fsdp=1, sequence=seq, devices=devices[:data * seq])
+    mesh = mesh_lib.make_mesh(data=data, fsdp=1, sequence=seq, devices=devices[:data * seq])
     inputs = make_inputs(2 if name.startswith("guidance") else 1)
     run, compiled = forward_on(mesh, state, builder(relayout), inputs)
     if args.check:
@@ -123,7 +125,7 @@ def main(argv=None):
     row = {"setup": name, "relayout": relayout if seq > 1 else None, "devices": data * seq,
            "batch": inputs[0].shape[0], "seconds": seconds,
            "peak_bytes_device0": stats.get("peak_bytes_in_use"),
-           "collectives": sharding.collectives_in(compiled.as_text())}
+           "collectives": sequence_parallel.collectives_in(compiled.as_text())}
     rows.append(row)
     print(f"  {name:>18} on {data * seq} device(s), batch {row['batch']}, relayout {row['relayout']}: {seconds:.3f} s; "
           f"collectives {row['collectives']}", flush=True)

@@ -16,7 +16,7 @@ A small, honest CPU experiment that shows the mechanism of T3-Video (see docs/RE
               full    full attention, kept training     (control: what more steps alone give)
 
 Every number is a deterministic eval loss on a fixed held-out set (fixed videos, noise and
-timesteps), the release's weighted flow-matching loss (t3_jax.flow). float32 on the CPU.
+timesteps), the release's weighted flow-matching loss (t3_jax.diffusion.flow). float32 on the CPU.
 
 Data: latent videos [16 channels, T frames, 16 x 16 latent pixels] made of a few Gaussian
 blobs moving in straight lines (wrapping at the borders) over a travelling plane wave. Both
@@ -47,10 +47,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from t3_jax import attention as attention_lib
-from t3_jax import dit as dit_lib
-from t3_jax import flow
-from t3_jax import windows
+from t3_jax.core import attention as attention_lib
+from t3_jax.models import dit as dit_lib
+from t3_jax.diffusion import flow
+from t3_jax.core import windows
 
 VARIANTS = ("t3", "close", "remote", "full")
 

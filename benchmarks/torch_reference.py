@@ -15,9 +15,9 @@ every block's `attn1` gets a `T3WanAttnProcessor` that knows its layer's block c
   out = (close + remote) / 2 in token order (one in-place lerp, float32 math), then to_out.
 
 Where close and remote windows coincide (n == 1 or w == 1 on every axis, e.g. one frame
-per window) their mean is one attention, computed ONCE, as t3_jax.attention does (the
-release computes it twice). Where block counts don't divide the grid (t3_jax.schedule
-derives such layers for 720P), windows are gathered with t3_jax.windows.window_indices:
+per window) their mean is one attention, computed ONCE, as t3_jax.core.attention does (the
+release computes it twice). Where block counts don't divide the grid (t3_jax.core.schedule
+derives such layers for 720P), windows are gathered with t3_jax.core.windows.window_indices:
 each window lists its real tokens first, padded keys are masked by a boolean attn_mask
 and padded queries are dropped, as in t3_jax.
 
@@ -72,14 +72,14 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-from t3_jax import schedule as schedule_lib
-from t3_jax import windows as windows_lib
+from t3_jax.core import schedule as schedule_lib
+from t3_jax.core import windows as windows_lib
 
 log = logging.getLogger(__name__)
 
 Triple = tuple[int, int, int]
 
-# The dims of t3_jax.dit.PRESETS (kept here so that this process never imports the JAX
+# The dims of t3_jax.models.dit.PRESETS (kept here so that this process never imports the JAX
 # model; tests/test_torch_reference.py checks that they agree).
 PRESETS: dict[str, dict] = {
     "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
@@ -110,7 +110,7 @@ def to_windows(x: torch.Tensor, grid: Sequence[int], blocks: Sequence[int], remo
   """[B, T*H*W, heads, d] -> [B * windows, heads, L, d] (SDPA layout); grids the blocks divide.
 
   Windows come out in (a_t, a_h, a_w) order, tokens inside a window in (b_t, b_h, b_w)
-  order, as in t3_jax.windows.
+  order, as in t3_jax.core.windows.
   """
   batch, _, heads, d = x.shape
   x = x.reshape(batch, *_split_pairs(grid, blocks, remote), heads, d)
@@ -273,7 +273,7 @@ def install_t3(model: WanTransformer3DModel, grid: Sequence[int], schedule=None,
                family: str = "wan2.1-4k") -> tuple[Triple, ...]:
   """Gives every block's self-attention a T3WanAttnProcessor for `grid`; returns the per-layer blocks.
 
-  schedule: as t3_jax.schedule.resolve_schedule (None: published on its grid, derived elsewhere).
+  schedule: as t3_jax.core.schedule.resolve_schedule (None: published on its grid, derived elsewhere).
   Cross-attention keeps diffusers' processor.
   """
   per_layer = schedule_lib.resolve_schedule("t3", schedule, tuple(grid), len(model.blocks), family=family)

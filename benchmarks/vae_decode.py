@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from t3_jax import vae as V  # noqa: E402
+from t3_jax.models import vae as V  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 

@@ -44,18 +44,18 @@ def _base() -> ml_collections.ConfigDict:
   c.progress = True
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "wan2.1-t2v-1.3b"          # t3_jax.dit.PRESETS
+  c.model.preset = "wan2.1-t2v-1.3b"          # t3_jax.models.dit.PRESETS
   c.model.overrides = ml_collections.ConfigDict()  # DiTConfig fields to change
   c.model.init_checkpoint = WAN21_1_3B         # "" = random init
   c.model.attention = "t3"
   c.model.schedule = ml_collections.FieldReference(None, field_type=str)  # None: published/derived; "n_t,n_h,n_w;..."
   c.model.dtype = "bfloat16"                   # compute
   c.model.param_dtype = "float32"              # master weights
-  c.model.remat = "full"                       # t3_jax.dit.REMAT_POLICIES
+  c.model.remat = "full"                       # t3_jax.models.dit.REMAT_POLICIES
   c.model.implementation = ml_collections.FieldReference(None, field_type=str)  # attention kernel
 
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "latents"     # "latents" (t3_jax.data prepared dataset) or "synthetic"
+  c.data.kind = "latents"     # "latents" (t3_jax.training.data prepared dataset) or "synthetic"
   c.data.path = ""
   c.data.frames, c.data.height, c.data.width = 81, 2176, 3840
   c.data.text_len = 512
@@ -88,7 +88,7 @@ def _base() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
-  # Sampling (sample.py, t3_jax.pipeline): T3-Video-Wan2.1-T2V-1.3B at native 4K, the
+  # Sampling (sample.py, t3_jax.diffusion.pipeline): T3-Video-Wan2.1-T2V-1.3B at native 4K, the
   # release's defaults (T3_REFERENCE.md section 4). Set any field with --config.sample.FIELD=.
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "A drone shot over a snowy mountain ridge at sunrise, ultra detailed."

@@ -4,7 +4,7 @@ import importlib
 
 # Loaded on first use, so that light modules (t3_jax.cli: the scripts' one-line errors)
 # import without JAX and Flax.
-_EXPORTS = {"t3_attention": "t3_jax.attention", "load_dit": "t3_jax.dit"}
+_EXPORTS = {"t3_attention": "t3_jax.core.attention", "load_dit": "t3_jax.models.dit"}
 __all__ = list(_EXPORTS)
 
 

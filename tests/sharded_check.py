@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t3_jax import attention, dit, sharding, trainer
+from t3_jax.core import attention
+from t3_jax.models import dit
+from t3_jax.parallel import mesh as mesh_lib
+from t3_jax.core import sequence_parallel
+from t3_jax.training import trainer
 
 
 def max_diff(a, b):
@@ -31,8 +35,8 @@ def check_attention(mesh, grid, blocks, collective, relayout, batch=2, heads=4, 
   rng = np.random.default_rng(0)
   n = int(np.prod(grid))
   q, k, v = (jnp.asarray(rng.normal(size=(batch, n, heads, head_dim)), jnp.float32) for _ in range(3))
-  fn = sharding.sharded_t3_attention(mesh, collective, relayout, stages)
-  spec = sharding.logical_sharding(mesh, "batch", "tokens", "heads", None)
+  fn = sequence_parallel.sharded_t3_attention(mesh, collective, relayout, stages)
+  spec = mesh_lib.logical_sharding(mesh, "batch", "tokens", "heads", None)
   qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
   loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, grid, blocks, "xla"))))
   forward = jax.jit(lambda q, k, v: fn(q, k, v, grid, blocks, "xla")).lower(qs, ks, vs).compile()
@@ -40,9 +44,9 @@ def check_attention(mesh, grid, blocks, collective, relayout, batch=2, heads=4, 
   grads = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(qs, ks, vs)
   ref = attention.t3_attention(q, k, v, grid, blocks, "xla")
   ref_grads = jax.grad(loss(attention.t3_attention), argnums=(0, 1, 2))(q, k, v)
-  plan = sharding.describe_relayout(grid, blocks, sharding.axis_size(mesh, "tokens"), heads, collective)
+  plan = sequence_parallel.describe_relayout(grid, blocks, mesh_lib.axis_size(mesh, "tokens"), heads, collective)
   return {"grid": grid, "blocks": blocks, "collective": collective, "relayout": relayout, "stages": stages, "out": max_diff(out, ref), "grad": max_diff(grads, ref_grads),
-          "collectives": sharding.collectives_in(forward.as_text()), "plan": plan}
+          "collectives": sequence_parallel.collectives_in(forward.as_text()), "plan": plan}
 
 
 def one_step(config, mesh):
@@ -52,7 +56,7 @@ def one_step(config, mesh):
   compiled = tr.train_step.lower(state, frozen, batch).compile()
   state, metrics = compiled(state, frozen, batch)
   tr.loader.close()
-  return jax.device_get(state["params"]), jax.device_get(metrics), sharding.collectives_in(compiled.as_text())
+  return jax.device_get(state["params"]), jax.device_get(metrics), sequence_parallel.collectives_in(compiled.as_text())
 
 
 def main():
@@ -60,7 +64,7 @@ def main():
 
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   result = {"attention": []}
-  mesh = sharding.make_mesh(fsdp=2, sequence=4)
+  mesh = mesh_lib.make_mesh(fsdp=2, sequence=4)
   for grid, blocks, collective, relayout in [
       ((3, 4, 8), (3, 1, 1), "ppermute", "windows"),     # 3 frame windows on 4 devices: head groups + padding
       ((3, 4, 8), (1, 2, 4), "all_to_all", "windows"),   # 8 windows spread over everything
@@ -74,7 +78,7 @@ def main():
   # The FFN runs over chunks of tokens (of each device's own tokens when sharded), as at 4K,
   # and the tiny model's parameters are sharded as a real model's are (none is "small").
   dit.FFN_CHUNK_TOKENS = 4
-  sharding.MIN_SHARDED_ELEMENTS = 0
+  mesh_lib.MIN_SHARDED_ELEMENTS = 0
   config = t3_wan.get_config("tiny")
   config.data.frames = 9                         # latents [16, 3, 8, 8]: 3x4x4 tokens
   config.model.schedule = "3,1,1;1,2,2"          # 3 frame windows, then 4 windows of 3x2x2
@@ -83,11 +87,11 @@ def main():
   # A large Adam eps keeps the update a smooth function of the gradient: with 1e-8,
   # gradients that are rounding noise (~1e-9) become +-lr steps and hide the comparison.
   config.optimizer.eps = 1e-3
-  ref_params, ref_metrics, _ = one_step(config, sharding.make_mesh(devices=jax.devices()[:1]))
+  ref_params, ref_metrics, _ = one_step(config, mesh_lib.make_mesh(devices=jax.devices()[:1]))
   result["train"] = []
   for axes, micro in [(dict(data=2, fsdp=2, sequence=2), 1), (dict(data=1, fsdp=2, sequence=4), 2)]:
     config.microbatches = micro
-    params, metrics, collectives = one_step(config, sharding.make_mesh(**axes))
+    params, metrics, collectives = one_step(config, mesh_lib.make_mesh(**axes))
     result["train"].append({"mesh": axes, "microbatches": micro, "loss": float(metrics["loss"]),
                             "ref_loss": float(ref_metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                             "ref_grad_norm": float(ref_metrics["grad_norm"]),

@@ -1,4 +1,4 @@
-"""The torch -> t3-jax converter (t3_jax.convert, convert_torch_weights.py).
+"""The torch -> t3-jax converter (t3_jax.weights.convert, convert_torch_weights.py).
 
 Layouts (diffusers sharded, Wan original .pth) are checked end to end against
 diffusers' WanTransformer3DModel output; bad inputs must fail with one clear line,
@@ -6,7 +6,6 @@ exit code 2, and leave nothing behind.
 """
 
 import functools
-import json
 import os
 import re
 import subprocess
@@ -22,9 +21,10 @@ from flax import nnx
 from safetensors.torch import save_file
 
 import t3_jax
-from t3_jax import checkpoint, convert, dit
+from t3_jax.weights import checkpoint
+from t3_jax.weights import convert
+from t3_jax.models import dit
 
-import diffusers  # noqa: E402  (requirements-test.txt)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5

@@ -8,12 +8,13 @@ end to end on files written in the released layouts.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from t3_jax import convert, umt5, vae
+from t3_jax.weights import convert
+from t3_jax.models import umt5
+from t3_jax.models import vae
 
 import diffusers  # noqa: E402  (requirements-test.txt)
 import transformers  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests of t3_jax.data: preparing a latent cache from tiny mp4s and reading it back."""
+"""Tests of t3_jax.training.data: preparing a latent cache from tiny mp4s and reading it back."""
 
 import json
 import sys
@@ -8,7 +8,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from t3_jax import data
+from t3_jax.training import data
 
 FPS = 8
 SRC_H, SRC_W, SRC_FRAMES = 32, 48, 12  # source videos

@@ -1,4 +1,4 @@
-"""Wan DiT (t3_jax.dit) against diffusers' WanTransformer3DModel, and T3 inside the DiT.
+"""Wan DiT (t3_jax.models.dit) against diffusers' WanTransformer3DModel, and T3 inside the DiT.
 
 Tiny random models: every torch weight perturbed (so zero-initialised paths count),
 converted with the converter CLI's main(), loaded with load_dit, compared in fp32.
@@ -17,7 +17,10 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from t3_jax import attention, checkpoint, convert, dit
+from t3_jax.core import attention
+from t3_jax.weights import checkpoint
+from t3_jax.weights import convert
+from t3_jax.models import dit
 
 import diffusers  # noqa: E402  (requirements-test.txt)
 
@@ -225,7 +228,7 @@ def test_load_dit_errors(tmp_path):
 
 
 def test_ffn_over_token_chunks_equals_whole():
-  from t3_jax import dit as dit_lib
+  from t3_jax.models import dit as dit_lib
   x = jax.random.normal(jax.random.key(0), (2, 60, 8))
   fn = lambda h: jnp.tanh(h @ jnp.arange(64.0).reshape(8, 8) / 64)
   np.testing.assert_allclose(dit_lib._over_token_chunks(fn, x, max_tokens=16), fn(x), rtol=1e-6, atol=1e-6)

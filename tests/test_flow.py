@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from t3_jax import flow
+from t3_jax.diffusion import flow
 
 
 class ReleaseFlowMatchScheduler:

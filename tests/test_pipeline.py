@@ -1,4 +1,4 @@
-"""t3_jax.pipeline: the jitted sampling loop against a step-by-step re-run, sizes, errors.
+"""t3_jax.diffusion.pipeline: the jitted sampling loop against a step-by-step re-run, sizes, errors.
 
 Tiny random models (T3Pipeline.random). The reference calls the DiT eagerly once per step
 and per prompt (conditional and unconditional as two separate batch-1 calls) in a Python
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t3_jax import pipeline, umt5
+from t3_jax.diffusion import pipeline
+from t3_jax.models import umt5
 
 PROMPT = "a red fox running through fresh snow"
 

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import retrofit_demo  # noqa: E402
 
-from t3_jax import attention  # noqa: E402
+from t3_jax.core import attention  # noqa: E402
 
 
 def _numpy_window_attention(q, k, v, grid, blocks, remote):

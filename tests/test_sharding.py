@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from t3_jax import sharding, windows
+from t3_jax.parallel import mesh as mesh_lib
+from t3_jax.core import sequence_parallel
+from t3_jax.core import windows
 
 
 @pytest.mark.parametrize("grid,blocks", [((5, 6, 8), (5, 1, 1)), ((5, 6, 8), (1, 3, 4)),
@@ -18,7 +20,7 @@ def test_token_window_slot_matches_window_tables(grid, blocks):
   token = np.arange(int(np.prod(grid)))
   for remote in (False, True):
     index, _ = windows.window_indices(grid, blocks, remote)
-    window, slot = sharding.token_window_slot(token, grid, blocks, remote)
+    window, slot = sequence_parallel.token_window_slot(token, grid, blocks, remote)
     np.testing.assert_array_equal(index[window, slot], token)
 
 
@@ -27,29 +29,29 @@ def test_relayout_plan_published_4k():
   grid, pattern = (21, 136, 240), ((21, 1, 1), (1, 17, 30), (1, 8, 40), (3, 17, 8), (7, 8, 6))
   for devices in (8, 64):
     for blocks in pattern:
-      for plan in sharding.describe_relayout(grid, blocks, devices, heads=12):
+      for plan in sequence_parallel.describe_relayout(grid, blocks, devices, heads=12):
         units = plan["windows"] * plan["head_groups"]
         assert plan["padded_units"] <= 0.05 * units + devices // 8, (devices, blocks, plan)
-  frames = sharding.describe_relayout(grid, (21, 1, 1), 64, heads=12)
+  frames = sequence_parallel.describe_relayout(grid, (21, 1, 1), 64, heads=12)
   assert len(frames) == 1 and frames[0]["head_groups"] == 3  # 63 units on 64 devices
   assert frames[0]["collective"].startswith("ppermute")        # frames mostly stay where they are
 
 
 def test_param_spec_largest_divisible_dim():
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  assert sharding.param_spec((30, 1536, 8960), mesh, stacked=True) == jax.sharding.PartitionSpec()
-  abstract = jax.sharding.AbstractMesh((1, 4, 2, 1), sharding.MESH_AXES)
-  spec = sharding.param_spec((30, 1536, 8960), abstract, stacked=True)
+  mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+  assert mesh_lib.param_spec((30, 1536, 8960), mesh, stacked=True) == jax.sharding.PartitionSpec()
+  abstract = jax.sharding.AbstractMesh((1, 4, 2, 1), mesh_lib.MESH_AXES)
+  spec = mesh_lib.param_spec((30, 1536, 8960), abstract, stacked=True)
   assert spec == jax.sharding.PartitionSpec(None, None, ("fsdp", "sequence"))
-  assert sharding.param_spec((30, 4, 1536, 64), abstract, stacked=True)[2] == ("fsdp", "sequence")
-  assert sharding.param_spec((30, 6, 1536), abstract, stacked=True) == jax.sharding.PartitionSpec()  # small
-  assert sharding.param_spec((3 * 65537,), abstract) == jax.sharding.PartitionSpec()  # nothing divides
-  assert sharding.logical_to_spec(abstract, ("batch", "tokens", "embed")) == jax.sharding.PartitionSpec("fsdp", "sequence", None)
+  assert mesh_lib.param_spec((30, 4, 1536, 64), abstract, stacked=True)[2] == ("fsdp", "sequence")
+  assert mesh_lib.param_spec((30, 6, 1536), abstract, stacked=True) == jax.sharding.PartitionSpec()  # small
+  assert mesh_lib.param_spec((3 * 65537,), abstract) == jax.sharding.PartitionSpec()  # nothing divides
+  assert mesh_lib.logical_to_spec(abstract, ("batch", "tokens", "embed")) == jax.sharding.PartitionSpec("fsdp", "sequence", None)
 
 
 def test_make_mesh_errors():
   with pytest.raises(ValueError, match="devices"):
-    sharding.make_mesh(fsdp=3, sequence=5)
+    mesh_lib.make_mesh(fsdp=3, sequence=5)
 
 
 def test_sharded_equals_single_device(run_on_fake_devices):

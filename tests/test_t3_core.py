@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import t3_jax
-from t3_jax import attention, schedule, windows
+from t3_jax.core import attention
+from t3_jax.core import schedule
+from t3_jax.core import windows
 
 
 def window_ids(grid, blocks):

@@ -3,7 +3,7 @@
 CPU, float32, tiny configs. The end-to-end test is the small-scale proof that the
 benchmark's two sides compute the same thing: the CLI builds diffusers'
 WanTransformer3DModel with T3 processors and random weights, our converter reads its
-state dict, and t3_jax.dit.load_dit's WanDiT (attention="t3", same schedule) must give
+state dict, and t3_jax.models.dit.load_dit's WanDiT (attention="t3", same schedule) must give
 the same output. The GPU benchmark re-checks at full scale in bf16.
 """
 
@@ -21,7 +21,10 @@ import torch
 from benchmarks import torch_reference as ref
 from flax import nnx
 
-from t3_jax import attention, convert, dit, windows
+from t3_jax.core import attention
+from t3_jax.weights import convert
+from t3_jax.models import dit
+from t3_jax.core import windows
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,10 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import t3_wan  # noqa: E402
 
-from t3_jax import checkpoint, dit, lora, trainer  # noqa: E402
+from t3_jax.weights import checkpoint  # noqa: E402
+from t3_jax.models import dit  # noqa: E402
+from t3_jax.training import lora  # noqa: E402
+from t3_jax.training import trainer  # noqa: E402
 
 STEPS = 6
 TRAIN_ARGS = ["--config=configs/t3_wan.py:tiny", f"--config.total_steps={STEPS}", "--config.progress=False",
@@ -197,7 +200,7 @@ def test_train_out_of_device_memory_one_line_error(tmp_path, env):
   """A device OOM in the step (as XLA raises it on a GPU): exit 3, one `error:` line naming
   the fixes (sequence axis, batch, remat, XLA's memory fraction), no traceback."""
   script = ("import runpy, sys, jax\n"
-            "from t3_jax import trainer\n"
+            "from t3_jax.training import trainer\n"
             "def loop(self, *a, **k):\n"
             "  raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
             "55.26GiB with allocator GPU_0_bfc on device 0.')\n"
@@ -213,9 +216,9 @@ def test_train_out_of_device_memory_one_line_error(tmp_path, env):
 
 
 def test_lora_merge_bad_input_one_line_error(tmp_path, env):
-  """`python -m t3_jax.lora merge` with a missing base checkpoint: exit 2, one `error:` line
+  """`python -m t3_jax.training.lora merge` with a missing base checkpoint: exit 2, one `error:` line
   naming it, no traceback, no output folder."""
-  proc = subprocess.run([sys.executable, "-m", "t3_jax.lora", "merge", "--ckpt", str(tmp_path / "nope"),
+  proc = subprocess.run([sys.executable, "-m", "t3_jax.training.lora", "merge", "--ckpt", str(tmp_path / "nope"),
                          "--lora", str(tmp_path / "work"), "--output", str(tmp_path / "merged")],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]

@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from t3_jax import umt5
+from t3_jax.models import umt5
 
 SEQ = 140  # > max_distance (128): exercises every kind of position bucket
 LENGTHS = (SEQ, 57, 9)  # a full row and two padded ones
@@ -260,7 +260,7 @@ def test_encode_text_zeroes_padding(hf_model, tokenizer_dir, hf_output):
 
 
 def test_load_umt5_round_trip(hf_model, batch, hf_output, tmp_path):
-  from t3_jax import checkpoint
+  from t3_jax.weights import checkpoint
   ids, mask = batch
   config = tiny_config()
   params = umt5.params_from_torch_state_dict(state_dict(hf_model))

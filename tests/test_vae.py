@@ -1,4 +1,4 @@
-"""t3_jax.vae against diffusers' AutoencoderKLWan (Wan2.1 and Wan2.2 structure, tiny widths, fp32).
+"""t3_jax.models.vae against diffusers' AutoencoderKLWan (Wan2.1 and Wan2.2 structure, tiny widths, fp32).
 
 - parity of encode (mean and log-variance) and decode, for 1, 5 and 9 frames;
 - Wan's original checkpoint layout: a state dict written by an independent key mapping loads to the
@@ -16,11 +16,10 @@ import pytest
 import torch
 from flax import nnx
 
-import diffusers  # noqa: E402  (requirements-test.txt)
 from diffusers import AutoencoderKLWan  # noqa: E402
 from diffusers.models.autoencoders import autoencoder_kl_wan as dwan  # noqa: E402
 
-from t3_jax import vae as V  # noqa: E402
+from t3_jax.models import vae as V  # noqa: E402
 
 TINY = ["tiny-wan2.1", "tiny-wan2.2"]
 TOL = 1e-5  # max |ours - reference| / max |reference|
@@ -139,7 +138,7 @@ def test_bad_inputs_raise():
 
 def diffusers_key_to_wan(key: str, cfg: V.VAEConfig) -> str:
     """Wan's original key for a diffusers key: the inverse of diffusers' convert_vae / convert_vae_22,
-    written independently of t3_jax.vae's tables."""
+    written independently of t3_jax.models.vae's tables."""
     nrb = cfg.num_res_blocks
     rules = [  # inside residual blocks first, while conv1/conv2 can only mean theirs
         (r"\.norm1\.gamma$", ".residual.0.gamma"), (r"\.conv1\.(weight|bias)$", r".residual.2.\1"),
@@ -240,7 +239,7 @@ def diffsynth_mask(h, w, is_bound, border):
 
 def reference_tiled(run_tile, inputs, size_hw, tile, stride, scale, out_shape):
     """DiffSynth's tiled_decode/tiled_encode accumulation (values += tile * mask; values / weight), over
-    tiles every `stride` with the last one moved back to end at the border (t3_jax.vae's tile grid)."""
+    tiles every `stride` with the last one moved back to end at the border (t3_jax.models.vae's tile grid)."""
     def starts(size, t, s):
         out = list(range(0, size - t + 1, s))
         return out if out[-1] + t >= size else out + [size - t]
@@ -331,7 +330,7 @@ def test_tiled_decode_vs_untiled():
 
 
 def test_save_and_load_vae(tmp_path):
-    from t3_jax import checkpoint
+    from t3_jax.weights import checkpoint
     _, vae = models("tiny-wan2.2")
     V.save_vae(str(tmp_path / "vae"), vae)
     assert checkpoint.read_config(str(tmp_path / "vae"))["kind"] == "vae"

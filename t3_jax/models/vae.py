@@ -1140,7 +1140,7 @@ def checkpoint_config(config: VAEConfig, **extra) -> dict:
 
 
 def save_vae(directory: str, model: WanVAE, **extra) -> None:
-    from t3_jax import checkpoint
+    from t3_jax.weights import checkpoint
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     checkpoint.save_checkpoint(directory, params, checkpoint_config(model.config, **extra))
@@ -1151,7 +1151,7 @@ def load_vae(ckpt_dir: str, dtype=jnp.bfloat16, param_dtype=jnp.float32) -> WanV
 
     dtype: compute dtype (bf16 for real use; norms and softmax stay fp32); param_dtype: storage dtype.
     """
-    from t3_jax import checkpoint
+    from t3_jax.weights import checkpoint
 
     config = VAEConfig.from_dict(checkpoint.read_config(ckpt_dir, kind="vae"))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype)))

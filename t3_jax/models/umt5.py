@@ -468,8 +468,8 @@ def umt5_from_params(config: UMT5Config, params: dict, *, dtype=jnp.bfloat16,
 
 
 def load_umt5(ckpt_dir: str, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) -> UMT5Encoder:
-  """Loads an Orbax umT5 checkpoint written by the converter (t3_jax.checkpoint, kind "umt5")."""
-  from t3_jax import checkpoint
+  """Loads an Orbax umT5 checkpoint written by the converter (t3_jax.weights.checkpoint, kind "umt5")."""
+  from t3_jax.weights import checkpoint
 
   config = UMT5Config.from_dict(checkpoint.read_config(ckpt_dir, kind="umt5"))
   graphdef, state = nnx.split(abstract_umt5(config, dtype=dtype, param_dtype=param_dtype))

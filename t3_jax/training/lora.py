@@ -14,7 +14,7 @@ Targets use Wan's module names (the T3-Video trainer's defaults): q, k, v, o (bo
 self- and cross-attention, as peft matches name suffixes), ffn.0 and ffn.2.
 
 Command line:
-  python -m t3_jax.lora merge --ckpt BASE_DIT_DIR --lora TRAIN_WORKDIR_OR_STEP_DIR --output DIR
+  python -m t3_jax.training.lora merge --ckpt BASE_DIT_DIR --lora TRAIN_WORKDIR_OR_STEP_DIR --output DIR
 """
 
 from __future__ import annotations
@@ -145,11 +145,11 @@ def merge_checkpoint(ckpt: str, lora_dir: str, output: str, step: int | None = N
                      overwrite: bool = False) -> str:
   """Merges a training run's LoRA adapters into a base DiT checkpoint and saves a plain one.
 
-  ckpt: the base DiT checkpoint (t3_jax.checkpoint layout). lora_dir: a training workdir
+  ckpt: the base DiT checkpoint (t3_jax.weights.checkpoint layout). lora_dir: a training workdir
   (its latest step, or `step`) whose run trained LoRA adapters.
   """
-  from t3_jax import checkpoint as checkpoint_lib
-  from t3_jax import trainer as trainer_lib
+  from t3_jax.weights import checkpoint as checkpoint_lib
+  from t3_jax.training import trainer as trainer_lib
 
   checkpoint_lib.check_output_dir(output, overwrite)  # before loading anything
   params, config = checkpoint_lib.load_checkpoint(ckpt, kind="dit")
@@ -165,7 +165,7 @@ def merge_checkpoint(ckpt: str, lora_dir: str, output: str, step: int | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m t3_jax.lora", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m t3_jax.training.lora", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   merge = sub.add_parser("merge", help="fold trained LoRA adapters into a plain DiT checkpoint")
   merge.add_argument("--ckpt", required=True, help="base DiT checkpoint directory")

@@ -1,9 +1,9 @@
 """The Wan video DiT (Wan2.1 / Wan2.2) in Flax NNX, with T3 window self-attention.
 
 T3-Video changes one thing in a pretrained Wan DiT: the *pattern* of self-attention
-(`t3_jax.attention.t3_attention`, window shape per layer from `t3_jax.schedule`).
+(`t3_jax.core.attention.t3_attention`, window shape per layer from `t3_jax.core.schedule`).
 Every parameter, and everything else (cross-attention, FFN, modulation, RoPE, head),
-is Wan's, so pretrained weights load unchanged (`t3_jax.convert`, `load_dit`).
+is Wan's, so pretrained weights load unchanged (`t3_jax.weights.convert`, `load_dit`).
 
   x = patch_embedding(latents)                      # Conv3d k=s=(1,2,2) as a Linear
   e = time_embedding(sinusoid(t));  e0 = time_projection(e)   # six modulations
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t3_jax import attention as attention_lib
-from t3_jax import checkpoint as checkpoint_lib
-from t3_jax import schedule as schedule_lib
+from t3_jax.core import attention as attention_lib
+from t3_jax.weights import checkpoint as checkpoint_lib
+from t3_jax.core import schedule as schedule_lib
 
 f32 = jnp.float32
 Triple = tuple[int, int, int]
@@ -397,11 +397,11 @@ class WanDiT(nnx.Module):
     Args:
       attention: "t3" (window attention) or "full" (the pretrained model as it was).
       schedule: for "t3": None (published schedule on its grid, a derived one elsewhere),
-        a published name (see t3_jax.schedule.PUBLISHED), or [(n_t, n_h, n_w), ...]
+        a published name (see t3_jax.core.schedule.PUBLISHED), or [(n_t, n_h, n_w), ...]
         applied cyclically by layer index (or "a,b,c;d,e,f").
       dtype: compute dtype; param_dtype: parameter dtype.
       remat: rematerialisation per layer, one of REMAT_POLICIES.
-      implementation: attention kernel (t3_jax.attention.choose_implementation).
+      implementation: attention kernel (t3_jax.core.attention.choose_implementation).
       window_constraint: passed to t3_attention (e.g. a sharding constraint).
       attention_fn: replaces t3_attention; same signature (q, k, v, grid, blocks,
         implementation=, window_constraint=), e.g. a sequence-parallel version.
@@ -413,7 +413,7 @@ class WanDiT(nnx.Module):
       token_chunks_fn: replaces the FFN's loop over chunks of tokens, (fn, x) -> fn(x),
         e.g. chunks of each device's own tokens.
     The last four are the layout hooks of sequence parallelism:
-    `WanDiT(..., **t3_jax.sharding.dit_kwargs(mesh))` fills them in.
+    `WanDiT(..., **t3_jax.parallel.dit_kwargs(mesh))` fills them in.
     """
     if attention not in ("t3", "full"):
       raise ValueError(f"attention must be 't3' or 'full', got {attention!r}")

@@ -11,14 +11,14 @@ What it does, as the T3-Video release does it (T3_REFERENCE.md section 4):
   2. denoise: noise x_T ~ N(0, I) of the latent shape [1, z, 1 + (F-1)/4, H/s, W/s] from an
      integer seed; flow-match Euler (or UniPC), 50 steps, shift 5; classifier-free guidance
      v = v_u + g (v_c - v_u), g = 5, the conditional and unconditional passes as ONE forward
-     of batch 2. The whole loop is one jitted program (a fori_loop inside t3_jax.flow.sample)
+     of batch 2. The whole loop is one jitted program (a fori_loop inside t3_jax.diffusion.flow.sample)
      that takes the DiT's parameters, the noise and the text contexts as arguments: it is
      traced and compiled once per shape and reused for every prompt and seed.
   3. decode: latents are de-normalised with the VAE's per-channel statistics and decoded by
      the Wan VAE in spatial tiles (the release's command line: latent tiles (68, 120) every
      (34, 60)), then mapped from [-1, 1] to uint8.
 
-Several devices (`mesh=sharding.sampling_mesh(sequence, guidance_parallel)`): the DiT runs
+Several devices (`mesh=layout_lib.sampling_mesh(sequence, guidance_parallel)`): the DiT runs
 sequence parallel (each video's tokens split over `sequence` devices; every self-attention
 exchanges head groups with two all-to-alls) and/or guidance parallel (the conditional and
 unconditional halves of the batch on two device groups); the VAE decodes its tiles on all the
@@ -58,12 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t3_jax import checkpoint as checkpoint_lib
-from t3_jax import dit as dit_lib
-from t3_jax import flow
-from t3_jax import sharding
-from t3_jax import umt5 as umt5_lib
-from t3_jax import vae as vae_lib
+from t3_jax.weights import checkpoint as checkpoint_lib
+from t3_jax.models import dit as dit_lib
+from t3_jax.diffusion import flow
+from t3_jax.parallel import mesh as mesh_lib
+from t3_jax.parallel import layout as layout_lib
+from t3_jax.models import umt5 as umt5_lib
+from t3_jax.models import vae as vae_lib
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +318,8 @@ class T3Pipeline:
   def __init__(self, dit: dit_lib.WanDiT, vae: vae_lib.WanVAE, text_encoder: umt5_lib.UMT5Encoder | None,
                tokenizer, *, text_len: int = umt5_lib.TEXT_LENGTH, random_weights: bool = False,
                mesh=None):
-    """mesh: `sharding.sampling_mesh(...)` to run the DiT sequence- and/or guidance-parallel
-    (the DiT must then be built with `sharding.sampling_dit_kwargs(mesh)`, as `from_checkpoints`
+    """mesh: `layout_lib.sampling_mesh(...)` to run the DiT sequence- and/or guidance-parallel
+    (the DiT must then be built with `layout_lib.sampling_dit_kwargs(mesh)`, as `from_checkpoints`
     and `random` do) and to decode the VAE tiles on all its devices; None: one device."""
     if dit.config.in_channels != vae.config.z_dim or dit.config.out_channels != vae.config.z_dim:
       raise ValueError(f"the DiT takes {dit.config.in_channels} latent channels but the VAE makes "
@@ -338,7 +339,7 @@ class T3Pipeline:
     self.mesh = mesh
     self._graphdef, self._state = nnx.split(dit)
     if mesh is not None:  # parameters replicated on every device of the mesh
-      self._state = jax.device_put(self._state, sharding.replicated(mesh))
+      self._state = jax.device_put(self._state, mesh_lib.replicated(mesh))
     self._compiled = {}
     self.load_seconds = 0.0
 
@@ -360,7 +361,7 @@ class T3Pipeline:
     tokenizer = umt5_lib.UMT5Tokenizer.from_dir(tokenizer_dir)
     dtype = as_dtype(dtype)
     dit = dit_lib.load_dit(dit_dir, attention=attention, schedule=schedule, dtype=dtype,
-                           implementation=implementation, **sharding.sampling_dit_kwargs(mesh))
+                           implementation=implementation, **layout_lib.sampling_dit_kwargs(mesh))
     vae = vae_lib.load_vae(vae_dir, dtype=dtype, param_dtype=jnp.float32)
     text_encoder = umt5_lib.load_umt5(umt5_dir, dtype=dtype, param_dtype=jnp.bfloat16)
     pipe = cls(dit, vae, text_encoder, tokenizer, text_len=text_len, mesh=mesh)
@@ -388,7 +389,7 @@ class T3Pipeline:
     dtype = as_dtype(dtype)
     start = time.perf_counter()
     dit = random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
-                                             rngs=nnx.Rngs(0), **sharding.sampling_dit_kwargs(mesh)), seed)
+                                             rngs=nnx.Rngs(0), **layout_lib.sampling_dit_kwargs(mesh)), seed)
     vae = random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
     text_encoder = random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
     pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)
@@ -420,7 +421,7 @@ class T3Pipeline:
 
   def window_pattern(self, shape: VideoShape) -> tuple:
     """The self-attention block counts (n_t, n_h, n_w) of one schedule cycle at this shape."""
-    from t3_jax import schedule as schedule_lib
+    from t3_jax.core import schedule as schedule_lib
     return tuple(schedule_lib.cycle(self.dit.layer_schedule(self.token_grid(shape))))
 
   # -- text ---------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ class T3Pipeline:
       self._check_mesh(noise.shape, negative_context is not None)
       # Small inputs, replicated; the DiT's layout hooks split the tokens and the guided batch.
       noise, context, negative_context, guidance = jax.device_put(
-          (noise, context, negative_context, guidance), sharding.replicated(self.mesh))
+          (noise, context, negative_context, guidance), mesh_lib.replicated(self.mesh))
 
     start = time.perf_counter()
     compiled = self._compiled_loop(noise, context, negative_context, guidance, sampler, int(steps), shift, progress)
@@ -503,11 +504,11 @@ class T3Pipeline:
 
   def _check_mesh(self, latent_shape, guided: bool) -> None:
     tokens = math.prod(self.dit.token_grid(latent_shape))
-    shards = sharding.axis_size(self.mesh, "tokens")
+    shards = mesh_lib.axis_size(self.mesh, "tokens")
     if tokens % shards:
       raise ValueError(f"{tokens} latent tokens don't split over sample.sequence={shards} devices: "
                        f"choose a sequence size dividing {tokens} (e.g. 2 or 4 at 2176x3840)")
-    if sharding.axis_size(self.mesh, "batch") > 1 and not guided:
+    if mesh_lib.axis_size(self.mesh, "batch") > 1 and not guided:
       raise ValueError("guidance-parallel sampling needs guidance != 1 (two passes per step): "
                        "set sample.guidance_parallel=False")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from t3_jax import windows
+from t3_jax.core import windows
 
 Triple = tuple[int, int, int]
 

@@ -2,7 +2,7 @@
 
 The recipe is the paper's (T3_REFERENCE.md section 3): AdamW (lr 2e-5, weight decay
 1e-2, gradient clip 1.0), the release's flow-matching loss and timestep weights
-(`t3_jax.flow`), steps with a non-finite loss or gradient skipped (and counted).
+(`t3_jax.diffusion.flow`), steps with a non-finite loss or gradient skipped (and counted).
 
 Train state, a plain pytree (what the Orbax checkpoint holds):
   step      int32    steps taken (skipped ones included: data and RNG move on)
@@ -13,7 +13,7 @@ Train state, a plain pytree (what the Orbax checkpoint holds):
 
 The step: microbatches (gradient accumulation) in a `lax.scan`, compute in the
 model's dtype (bf16 for real use), rematerialisation per layer by the model's policy,
-`jax.jit` with explicit in/out shardings over one mesh (t3_jax.sharding).
+`jax.jit` with explicit in/out shardings over one mesh (t3_jax.parallel).
 
 Checkpoints: Orbax CheckpointManager under workdir/checkpoints/<step>/ (async,
 keep-N): the train state, the data loader's position and a JSON of the run. Saved
@@ -24,12 +24,14 @@ holds checkpoints resumes from the latest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +41,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from t3_jax import dit as dit_lib
-from t3_jax import flow
-from t3_jax import lora as lora_lib
-from t3_jax import schedule as schedule_lib
-from t3_jax import sharding
-from t3_jax import vae as vae_lib
+from t3_jax.models import dit as dit_lib
+from t3_jax.diffusion import flow
+from t3_jax.training import lora as lora_lib
+from t3_jax.core import schedule as schedule_lib
+from t3_jax.parallel import mesh as mesh_lib
+from t3_jax.parallel import layout as layout_lib
+from t3_jax.models import vae as vae_lib
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
     return dit_lib.WanDiT(cfg, attention=m.attention, schedule=m.get("schedule"), dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), remat=m.remat,
                           implementation=m.get("implementation", None), rngs=nnx.Rngs(seed),
-                          **sharding.dit_kwargs(mesh, config.mesh.get("collective", "auto"),
+                          **layout_lib.dit_kwargs(mesh, config.mesh.get("collective", "auto"),
                                                config.mesh.get("relayout", "auto")))
 
   return (nnx.eval_shape(make) if abstract else make(config.seed)), cfg
@@ -138,9 +141,9 @@ def make_optimizer(opt, total_steps: int):
 def state_shardings(abstract_state, mesh: Mesh):
   """Params and optimizer moments sharded alike (fsdp over their largest dimension,
   stacked layers kept whole); the step counters and the RNG key replicated."""
-  out = {k: jax.tree.map(lambda _: sharding.replicated(mesh), v) for k, v in abstract_state.items()}
+  out = {k: jax.tree.map(lambda _: mesh_lib.replicated(mesh), v) for k, v in abstract_state.items()}
   for k in ("params", "opt_state"):
-    out[k] = sharding.param_shardings(abstract_state[k], mesh)
+    out[k] = mesh_lib.param_shardings(abstract_state[k], mesh)
   return out
 
 
@@ -299,6 +302,91 @@ def load_trained_params(workdir: str, step: int | None = None) -> tuple[dict, di
   return jax.tree.map(np.asarray, state["params"]), run
 
 
+@dataclasses.dataclass
+class TrainProgram:
+  """The jitted train step and the abstract, sharded arguments it is compiled for: everything
+  but weights and data (what `Trainer` runs, and what a compile-only fit check lowers)."""
+  model: Any                 # the WanDiT, abstract
+  dit_cfg: dit_lib.DiTConfig
+  graphdef: Any
+  tx: Any
+  lr_schedule: Any
+  lora_alpha: float | None
+  latent_shape: tuple
+  global_batch: int
+  abstract_state: dict       # ShapeDtypeStructs carrying their shardings
+  state_sharding: dict
+  frozen_abstract: dict      # the frozen base parameters under LoRA (unsharded structs), else {}
+  frozen_sharding: dict
+  batch_sharding: dict
+  batch_spec: dict           # {"latents": [B, C, F, H, W], "context": [B, L, text_dim]} with shardings
+  step: Any                  # jitted (state, frozen, batch) -> (state, metrics)
+  flops_per_step: float
+
+  def lower(self):
+    """The step lowered for its abstract arguments (no device memory is touched)."""
+    frozen = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          self.frozen_abstract, self.frozen_sharding)
+    return self.step.lower(self.abstract_state, frozen, self.batch_spec)
+
+
+def train_program(config, mesh: Mesh) -> TrainProgram:
+  """Builds the train step of `config` on `mesh` (its devices may be abstract: nothing is allocated)."""
+  model, dit_cfg = build_model(config, mesh=mesh)
+  lshape = latent_shape(config, dit_cfg)
+  graphdef, abstract_params = nnx.split(model)
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  tx, lr_schedule = make_optimizer(config.optimizer, int(config.total_steps))
+
+  lora = config.get("lora", None)
+  lora_alpha = None
+  if lora is not None and lora.rank:
+    lora_alpha = float(lora.alpha)
+    frozen_abstract = abstract_params
+    trainable_abstract = jax.eval_shape(
+        lambda: lora_lib.init_lora(jax.random.key(0), abstract_params, lora.rank, lora.targets))
+  else:
+    frozen_abstract = {}
+    trainable_abstract = abstract_params
+
+  key = jax.random.PRNGKey(config.seed)
+  abstract_state = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32),
+      "params": trainable_abstract,
+      "opt_state": jax.eval_shape(tx.init, trainable_abstract),
+      "rng": jax.ShapeDtypeStruct(key.shape, key.dtype),
+      "skipped": jax.ShapeDtypeStruct((), jnp.int32),
+  }
+  state_sharding = state_shardings(abstract_state, mesh)
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
+  frozen_sharding = mesh_lib.param_shardings(frozen_abstract, mesh)
+
+  if int(config.checkpoint.every) < 0:
+    raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), "
+                     f"got {config.checkpoint.every}")
+  d = config.data
+  global_batch = int(config.batch_size)
+  per_device = mesh_lib.axis_size(mesh, "batch")
+  if global_batch % (config.microbatches * per_device) or global_batch % jax.process_count():
+    raise ValueError(f"batch_size {global_batch} must split into {config.microbatches} microbatches, each "
+                     f"divisible by the {per_device} batch shards (data x fsdp) and by {jax.process_count()} processes")
+  batch_spec = {"latents": jax.ShapeDtypeStruct((global_batch, *lshape), jnp.float32),
+                "context": jax.ShapeDtypeStruct((global_batch, d.text_len, dit_cfg.text_dim), jnp.float32)}
+  batch_sharding = mesh_lib.batch_shardings(batch_spec, mesh)
+  batch_spec = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch_spec, batch_sharding)
+
+  step_fn = make_train_step(graphdef, tx, lr_schedule, config, mesh, lora_alpha)
+  step = jax.jit(step_fn, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                 out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  flops = global_batch * model_flops_per_example(model, dit_cfg, lshape, d.text_len)
+  return TrainProgram(model=model, dit_cfg=dit_cfg, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                      lora_alpha=lora_alpha, latent_shape=lshape, global_batch=global_batch,
+                      abstract_state=abstract_state, state_sharding=state_sharding,
+                      frozen_abstract=frozen_abstract, frozen_sharding=frozen_sharding,
+                      batch_sharding=batch_sharding, batch_spec=batch_spec, step=step, flops_per_step=flops)
+
+
 class Trainer:
   """Builds the model, mesh, optimizer, data and checkpointing from a ConfigDict and trains.
 
@@ -308,64 +396,25 @@ class Trainer:
   def __init__(self, config, workdir: str, mesh: Mesh | None = None, loader=None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
-    self.mesh = mesh if mesh is not None else sharding.mesh_from_config(config.mesh)
-    self.model, self.dit_cfg = build_model(config, mesh=self.mesh)
-    self.latent_shape = latent_shape(config, self.dit_cfg)
-    self.graphdef, abstract_params = nnx.split(self.model)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    total = int(config.total_steps)
-    self.tx, self.lr_schedule = make_optimizer(config.optimizer, total)
-
+    self.mesh = mesh if mesh is not None else mesh_lib.mesh_from_config(config.mesh)
+    program = train_program(config, self.mesh)
+    self.program = program
+    self.model, self.dit_cfg, self.latent_shape = program.model, program.dit_cfg, program.latent_shape
+    self.graphdef, self.tx, self.lr_schedule = program.graphdef, program.tx, program.lr_schedule
     self.lora = config.get("lora", None)
-    self.lora_alpha = None
-    if self.lora is not None and self.lora.rank:
-      self.lora_alpha = float(self.lora.alpha)
-      self.frozen_abstract = abstract_params
-      trainable_abstract = jax.eval_shape(
-          lambda: lora_lib.init_lora(jax.random.key(0), abstract_params, self.lora.rank, self.lora.targets))
-    else:
-      self.frozen_abstract = {}
-      trainable_abstract = abstract_params
-
-    key = jax.random.PRNGKey(config.seed)
-    abstract_state = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": trainable_abstract,
-        "opt_state": jax.eval_shape(self.tx.init, trainable_abstract),
-        "rng": jax.ShapeDtypeStruct(key.shape, key.dtype),
-        "skipped": jax.ShapeDtypeStruct((), jnp.int32),
-    }
-    self.state_sharding = state_shardings(abstract_state, self.mesh)
-    self.abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.state_sharding)
-    self.frozen_sharding = sharding.param_shardings(self.frozen_abstract, self.mesh)
-
-    if int(config.checkpoint.every) < 0:
-      raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), "
-                       f"got {config.checkpoint.every}")
-    d = config.data
-    self.global_batch = int(config.batch_size)
-    per_device = sharding.axis_size(self.mesh, "batch")
-    if self.global_batch % (config.microbatches * per_device) or self.global_batch % jax.process_count():
-      raise ValueError(f"batch_size {self.global_batch} must split into {config.microbatches} microbatches, each "
-                       f"divisible by the {per_device} batch shards (data x fsdp) and by {jax.process_count()} processes")
-    batch_spec = {"latents": jax.ShapeDtypeStruct((self.global_batch, *self.latent_shape), jnp.float32),
-                  "context": jax.ShapeDtypeStruct((self.global_batch, d.text_len, self.dit_cfg.text_dim), jnp.float32)}
-    self.batch_sharding = sharding.batch_shardings(batch_spec, self.mesh)
+    self.lora_alpha = program.lora_alpha
+    self.frozen_abstract = program.frozen_abstract
+    self.abstract_state, self.state_sharding = program.abstract_state, program.state_sharding
+    self.frozen_sharding, self.batch_sharding = program.frozen_sharding, program.batch_sharding
+    self.global_batch, self.flops_per_step = program.global_batch, program.flops_per_step
+    self.train_step = program.step
     _check_process_rows(self.batch_sharding["latents"], self.global_batch)
     self.loader = loader if loader is not None else self._make_loader()
-
-    step_fn = make_train_step(self.graphdef, self.tx, self.lr_schedule, config, self.mesh, self.lora_alpha)
-    self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.frozen_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
-    self.flops_per_step = self.global_batch * model_flops_per_example(
-        self.model, self.dit_cfg, self.latent_shape, d.text_len)
 
   # -- setup
 
   def _make_loader(self):
-    from t3_jax import data as data_lib
+    from t3_jax.training import data as data_lib
     d = self.config.data
     per_process = self.global_batch // jax.process_count()
     if d.kind == "synthetic":
@@ -373,7 +422,7 @@ class Trainer:
                                       text_len=d.text_len, text_dim=self.dit_cfg.text_dim)
     if d.kind == "latents":
       if not d.path:
-        raise ValueError("config.data.path is empty: prepare a dataset with `python -m t3_jax.data prepare ...` "
+        raise ValueError("config.data.path is empty: prepare a dataset with `python -m t3_jax.training.data prepare ...` "
                          "and pass --config.data.path=DIR (or --config.data.kind=synthetic for a smoke test)")
       loader = data_lib.LatentLoader(d.path, per_process, seed=self.config.seed, text_len=d.text_len)
       if tuple(loader.latent_shape) != tuple(self.latent_shape):
@@ -385,9 +434,9 @@ class Trainer:
   def _load_base_params(self, abstract: dict) -> dict:
     """Pretrained DiT parameters (model.init_checkpoint), or a random init, sharded."""
     path = self.config.model.get("init_checkpoint", None)
-    shardings = sharding.param_shardings(abstract, self.mesh)
+    shardings = mesh_lib.param_shardings(abstract, self.mesh)
     if path:
-      from t3_jax import checkpoint as checkpoint_lib
+      from t3_jax.weights import checkpoint as checkpoint_lib
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
       params, stored = checkpoint_lib.load_checkpoint(path, target, kind="dit")
       mismatch = {k: (stored.get(k), v) for k, v in self.dit_cfg.to_dict().items()
@@ -410,7 +459,7 @@ class Trainer:
     base = self._load_base_params(abstract_params)
     if self.lora_alpha is not None:
       frozen = base
-      shard = sharding.param_shardings(self.abstract_state["params"], self.mesh)
+      shard = mesh_lib.param_shardings(self.abstract_state["params"], self.mesh)
       lora = jax.jit(lambda: lora_lib.init_lora(jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1),
                                                 abstract_params, self.lora.rank, self.lora.targets),
                      out_shardings=shard)()
@@ -517,9 +566,9 @@ class Trainer:
 
 def export_params(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> str:
   """Saves a full fine-tune's trained DiT as a plain checkpoint (`dit.load_dit` loads it)."""
-  from t3_jax import checkpoint as checkpoint_lib
+  from t3_jax.weights import checkpoint as checkpoint_lib
   checkpoint_lib.check_output_dir(output, overwrite)  # before loading anything
   params, run = load_trained_params(workdir, step)
   if run.get("lora"):
-    raise ValueError(f"{workdir} trained LoRA adapters: merge them with `python -m t3_jax.lora merge`")
+    raise ValueError(f"{workdir} trained LoRA adapters: merge them with `python -m t3_jax.training.lora merge`")
   return checkpoint_lib.save_checkpoint(output, params, run["dit_config"], overwrite=overwrite)

@@ -3,7 +3,7 @@
   t3_attention(q, k, v, grid, blocks) = (close(q, k, v) + remote(q, k, v)) / 2
 
 where close/remote is plain softmax attention inside every close/remote window
-(`t3_jax.windows`), with the same q, k, v. blocks = (1, 1, 1) is full attention.
+(`t3_jax.core.windows`), with the same q, k, v. blocks = (1, 1, 1) is full attention.
 
 Kernels ("implementation"):
   "xla"     jax.nn.dot_product_attention's XLA path: any platform (materialises logits).
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t3_jax import windows
+from t3_jax.core import windows
 
 log = logging.getLogger(__name__)
 

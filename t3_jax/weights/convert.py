@@ -180,7 +180,7 @@ def _layout_of(shapes: Mapping[str, Shape], layouts: Mapping[str, list[Rule]]) -
 
 
 def detect_dit(shapes: Mapping[str, Shape], preset: str | None = None) -> Detected:
-  from t3_jax.dit import PRESETS, DiTConfig
+  from t3_jax.models.dit import PRESETS, DiTConfig
 
   layout = _layout_of(shapes, DIT_LAYOUTS)
   if layout is None:
@@ -231,7 +231,7 @@ def dit_table(detected: Detected) -> list[Rule]:
 
 def dit_target(detected: Detected, dtype) -> dict:
   from flax import nnx
-  from t3_jax.dit import WanDiT
+  from t3_jax.models.dit import WanDiT
 
   model = nnx.eval_shape(lambda: WanDiT(detected.model, attention="full", param_dtype=dtype,
                                         rngs=nnx.Rngs(0)))
@@ -245,11 +245,11 @@ def _not_this_kind(shapes: Mapping[str, Shape], kind: str, name: str, error: Exc
 
 
 # ------------------------------------------------------------------------ VAE kind
-# The tables live beside the model (t3_jax.vae.VAE_TORCH_TABLES); layouts "wan"
+# The tables live beside the model (t3_jax.models.vae.VAE_TORCH_TABLES); layouts "wan"
 # (Wan2.1_VAE.pth, Wan2.2_VAE.pth) and "diffusers" (AutoencoderKLWan).
 
 def detect_vae(shapes: Mapping[str, Shape], preset: str | None = None) -> Detected:
-  from t3_jax import vae
+  from t3_jax.models import vae
 
   try:
     layout = vae.detect_layout(shapes)
@@ -263,7 +263,7 @@ def detect_vae(shapes: Mapping[str, Shape], preset: str | None = None) -> Detect
 
 
 def vae_table(detected: Detected) -> list[Rule]:
-  from t3_jax import vae
+  from t3_jax.models import vae
 
   table = vae.VAE_TORCH_TABLES[detected.layout](detected.model)
   return [Rule(key, "/".join(map(str, path)), vae.TORCH_TRANSFORMS[t]) for key, (path, t) in table.items()]
@@ -271,18 +271,18 @@ def vae_table(detected: Detected) -> list[Rule]:
 
 def vae_target(detected: Detected, dtype) -> dict:
   from flax import nnx
-  from t3_jax import vae
+  from t3_jax.models import vae
 
   model = nnx.eval_shape(lambda: vae.WanVAE(detected.model, param_dtype=dtype, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 # ----------------------------------------------------------------------- umT5 kind
-# Tables beside the model (t3_jax.umt5.UMT5_TORCH_TABLES); layouts "wan"
+# Tables beside the model (t3_jax.models.umt5.UMT5_TORCH_TABLES); layouts "wan"
 # (models_t5_umt5-xxl-enc-bf16.pth) and "hf" (transformers' UMT5EncoderModel).
 
 def detect_umt5(shapes: Mapping[str, Shape], preset: str | None = None) -> Detected:
-  from t3_jax import umt5
+  from t3_jax.models import umt5
 
   try:
     layout = umt5.detect_umt5_layout(shapes)
@@ -297,13 +297,13 @@ def detect_umt5(shapes: Mapping[str, Shape], preset: str | None = None) -> Detec
 
 
 def umt5_table(detected: Detected) -> list[Rule]:
-  from t3_jax import umt5
+  from t3_jax.models import umt5
 
   return [Rule(key, path, umt5.UMT5_TRANSFORMS[t]) for key, path, t in detected.model[1]]
 
 
 def umt5_target(detected: Detected, dtype) -> dict:
-  from t3_jax import umt5
+  from t3_jax.models import umt5
 
   return umt5.umt5_param_structs(detected.model[0], dtype)
 
@@ -549,7 +549,7 @@ DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 def convert(source: str, output_dir: str, kind: str = "dit", dtype: str = "bf16",
             model: str | None = None, overwrite: bool = False, progress: bool = True) -> str:
   """Converts `source` to a t3-jax checkpoint at `output_dir`; returns its path."""
-  from t3_jax import checkpoint
+  from t3_jax.weights import checkpoint
 
   if kind not in KINDS:
     raise ConversionError(f"unknown --kind {kind!r}: choose one of {', '.join(KINDS)}")

@@ -21,7 +21,7 @@ Each example holds
 Preparation (needs the Wan VAE and umT5-XXL, as Orbax folders written by convert_torch_weights.py,
 and the tokenizer folder google/umt5-xxl/ of a Wan release):
 
-    python -m t3_jax.data prepare --videos DIR --captions FILE.json --output OUT \\
+    python -m t3_jax.training.data prepare --videos DIR --captions FILE.json --output OUT \\
         --vae VAE_CKPT --umt5 UMT5_CKPT --tokenizer TOKENIZER_DIR \\
         [--height 704 --width 1280 --frames 81] [--fps FPS] \\
         [--process-index i --process-count n] [--vae-tiled] [--skip-bad]
@@ -31,7 +31,7 @@ and the tokenizer folder google/umt5-xxl/ of a Wan release):
   and its first `frames` frames (4k+1; resampled to --fps if given) are scaled to [-1, 1] and
   encoded. With --process-count n, run n processes (e.g. one per GPU, CUDA_VISIBLE_DEVICES=i) with
   --process-index 0..n-1: each encodes every n-th video into its own shard, and the last one to
-  finish writes the metadata (or run `python -m t3_jax.data finalize --output OUT`).
+  finish writes the metadata (or run `python -m t3_jax.training.data finalize --output OUT`).
 
 Training reads the folder with `LatentLoader`; `SyntheticLoader` has the same interface and makes
 random data for smoke tests and benchmarks.
@@ -307,7 +307,7 @@ def finalize_dataset(output_dir: str | os.PathLike) -> None:
   output_dir = pathlib.Path(output_dir)
   infos = sorted(output_dir.glob("shard-*-of-*.json"))
   if not infos:
-    raise FileNotFoundError(f"No shard-*.json in {output_dir}: run `python -m t3_jax.data prepare` first.")
+    raise FileNotFoundError(f"No shard-*.json in {output_dir}: run `python -m t3_jax.training.data prepare` first.")
   count = int(infos[0].stem.split("-of-")[1])
   expected = [output_dir / _shard_info_name(i, count) for i in range(count)]
   missing = [p.name for p in expected if not p.exists()]
@@ -461,7 +461,7 @@ class LatentLoader(_BatchLoader):
     path = pathlib.Path(path)
     if not (path / "dataset_info.json").is_file():
       raise FileNotFoundError(f"{path} holds no prepared dataset (dataset_info.json missing): run "
-                              "`python -m t3_jax.data prepare` (or `finalize`) first.")
+                              "`python -m t3_jax.training.data prepare` (or `finalize`) first.")
     builder = tfds.builder_from_directory(os.fspath(path))
     self.source = builder.as_data_source(split=SPLIT)
     self.metadata = dict(builder.info.metadata or {})
@@ -557,7 +557,8 @@ def _model_encoders(vae_path: str, umt5_path: str, tokenizer_dir: str, *, text_b
   """
   import jax.numpy as jnp
 
-  from t3_jax import umt5, vae
+  from t3_jax.models import umt5
+  from t3_jax.models import vae
 
   for flag, p in (("--vae", vae_path), ("--umt5", umt5_path), ("--tokenizer", tokenizer_dir)):
     if not os.path.exists(p):
@@ -581,7 +582,7 @@ def _model_encoders(vae_path: str, umt5_path: str, tokenizer_dir: str, *, text_b
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m t3_jax.data", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m t3_jax.training.data", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
   prep = commands.add_parser("prepare", help="encode videos and captions into a training cache")
   prep.add_argument("--videos", required=True, help="folder that captions' data_file paths are relative to")

@@ -1,15 +1,4 @@
-"""Device mesh, logical axis rules, and T3 window attention over a sharded sequence.
-
-One mesh spans every device of every host, with four named axes (all Auto, so XLA's
-SPMD partitioner places what the rules don't pin down):
-
-  data      pure data parallelism: a replica of the parameters per index
-  fsdp      data parallelism with parameters and optimizer state sharded (ZeRO-3)
-  sequence  the video's tokens split across devices (4K: 685,440 tokens)
-  tensor    optional head / MLP-hidden parallelism (size 1 unless asked for)
-
-Parameters are sharded over fsdp x sequence (the devices that hold different data),
-on their largest dimension that divides; activations follow LOGICAL_AXIS_RULES.
+"""T3 window attention over a sequence-sharded video.
 
 Window attention on a sequence-sharded video (`sharded_t3_attention`): every window
 is independent, so it is enough that each device holds whole windows. Two re-layouts:
@@ -28,13 +17,6 @@ is independent, so it is enough that each device holds whole windows. Two re-lay
            devices are split further by head groups (frames x head groups: 21 x 3 = 63
            units on 64 devices) and the rest padded with all-zero units, which attend to
            zeros and are dropped. Eight tensors cross the links (two partitions).
-
-Sampling uses a smaller mesh on one process's devices (`sampling_mesh`: sequence x the
-guided batch over data) with `sampling_dit_kwargs`.
-
-The DiT takes all of it through its layout hooks, WanDiT(**dit_kwargs(mesh)): the sharded
-self-attention, cross-attention and FFN chunks per device, and activation constraints.
-`collectives_in(compiled.as_text())` counts the collectives XLA compiled.
 """
 
 from __future__ import annotations
@@ -42,154 +24,18 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from t3_jax import attention as t3_attention_lib
-from t3_jax import windows
+from t3_jax.core import attention as t3_attention_lib
+from t3_jax.core import windows
+from t3_jax.parallel.mesh import _mesh_axes, axis_size, logical_to_spec
 
 log = logging.getLogger(__name__)
-
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-
-# The one table from logical axis names to mesh axes (None: replicated).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),   # examples: data parallel over data x fsdp
-    ("tokens", "sequence"),        # the video's latent tokens
-    ("windows", "sequence"),       # window units after the re-layout (sharded_t3_attention)
-    ("heads", "tensor"),
-    ("mlp", "tensor"),             # FFN hidden
-    ("embed", None),               # model width of activations
-    ("text", None),                # context tokens (512): small, replicated
-    ("layers", None),              # stacked block parameters: scanned, never sharded
-    ("params", ("fsdp", "sequence")),  # the dimension a parameter is sharded on
-)
-_RULES = dict(LOGICAL_AXIS_RULES)
-
-
-def make_mesh(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1,
-              devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh over all devices (all hosts): axes (data, fsdp, sequence, tensor).
-
-  One size may be -1: it takes the remaining devices. Axis types are Auto so that
-  jitted code with sharded contracting dimensions is partitioned, not rejected.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = [int(data), int(fsdp), int(sequence), int(tensor)]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes (data, fsdp, sequence, tensor) = {tuple(sizes)}: use positive sizes and at most one -1")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices can't be split into mesh {tuple(sizes)}: choose sizes whose product divides the device count")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}: set one size to -1")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-
-
-def mesh_from_config(config) -> Mesh:
-  """Mesh from a ConfigDict with fields data, fsdp, sequence, tensor."""
-  return make_mesh(config.get("data", 1), config.get("fsdp", -1), config.get("sequence", 1), config.get("tensor", 1))
-
-
-def _mesh_axes(mesh: Mesh, logical: str | None):
-  """Mesh axes of a logical name, dropping axes of size 1 (or absent)."""
-  if logical is None:
-    return None
-  if logical not in _RULES:
-    raise ValueError(f"unknown logical axis {logical!r}: add it to LOGICAL_AXIS_RULES")
-  axes = _RULES[logical]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
-  return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-def logical_to_spec(mesh: Mesh, logical_axes: Sequence[str | None]) -> P:
-  """PartitionSpec for an array whose dimensions have these logical names."""
-  return P(*(_mesh_axes(mesh, name) for name in logical_axes))
-
-
-def logical_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
-  """e.g. logical_sharding(mesh, "batch", "tokens", "embed")."""
-  return NamedSharding(mesh, logical_to_spec(mesh, logical_axes))
-
-
-def axis_size(mesh: Mesh, logical: str) -> int:
-  axes = _mesh_axes(mesh, logical)
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def constrain(x, mesh: Mesh | None, *logical_axes: str | None):
-  """with_sharding_constraint by logical names; a no-op without a mesh."""
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, *logical_axes))
-
-
-# --- Parameters: fsdp over the largest dimension. ---
-
-# Parameters (per layer, for stacked ones) with fewer elements stay replicated: biases, norm
-# scales and modulation tables weigh nothing, and sharding them costs an all-gather each per
-# use (and made XLA's partitioner replicate-then-repartition the [6, dim] modulation).
-MIN_SHARDED_ELEMENTS = 1 << 16
-
-
-def param_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False) -> P:
-  """Shards the largest dimension that divides the fsdp x sequence size.
-
-  stacked: the leading axis is the [num_layers] axis of scanned blocks; it stays
-  whole (the scan slices it, and a sharded slice would all-gather every layer).
-  Falls back to fsdp alone, then to replication, when nothing divides, and
-  replicates parameters under MIN_SHARDED_ELEMENTS (per layer).
-  """
-  first = 1 if stacked and len(shape) > 1 else 0
-  if math.prod(shape[first:]) < MIN_SHARDED_ELEMENTS:
-    return P()
-  full = _mesh_axes(mesh, "params")
-  candidates = [full]
-  if isinstance(full, tuple):  # try the single axes too, the larger first
-    candidates += sorted(full, key=lambda a: -mesh.shape[a])
-  dims = sorted(range(first, len(shape)), key=lambda d: -shape[d])
-  for axes in candidates:
-    if axes is None:
-      break
-    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    for d in dims:
-      if shape[d] % size == 0 and shape[d] >= size:
-        spec = [None] * len(shape)
-        spec[d] = axes
-        return P(*spec)
-  return P()
-
-
-def _is_stacked(path) -> bool:
-  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-  return any(n == "blocks" for n in names)
-
-
-def param_shardings(params, mesh: Mesh):
-  """NamedShardings for a parameter tree (arrays or ShapeDtypeStructs).
-
-  Leaves under a "blocks" key are stacked [num_layers, ...] and keep that axis whole.
-  """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(np.shape(x), mesh, _is_stacked(path))), params)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def batch_shardings(batch, mesh: Mesh):
-  """Every batch array split over "batch" on its leading axis, the rest replicated."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(mesh, ["batch"] + [None] * (np.ndim(x) - 1))), batch)
-
 
 # --- T3 attention over a sequence-sharded video. ---
 
@@ -510,95 +356,3 @@ def collectives_in(compiled_text: str) -> dict[str, int]:
     if n:
       counts[name] = n
   return counts
-
-
-# --- The DiT's layout hooks. ---
-
-def sharded_cross_attention(mesh: Mesh, dense_attention: Callable) -> Callable:
-  """Cross-attention with the video tokens sharded: each device attends its own queries
-  to the (replicated) text keys. Without this, the DiT's chunked query loop would make
-  XLA gather query chunks across devices."""
-  q_spec = logical_to_spec(mesh, ("batch", "tokens", "heads", None))
-  kv_spec = logical_to_spec(mesh, ("batch", "text", "heads", None))
-
-  def attention(q, k, v, implementation):
-    body = lambda q, k, v: dense_attention(q, k, v, implementation)
-    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v)
-
-  return attention
-
-
-def sharded_token_chunks(mesh: Mesh, default_max_tokens: int) -> Callable:
-  """fn over [B, N, D] token-wise in sequential chunks of each device's own tokens.
-
-  The DiT's FFN runs over chunks of tokens to bound memory; chunks of the *global* token
-  axis would each live on one device and be gathered. Here chunk c holds the c-th slice
-  of every device's tokens: [B, S, chunks, N/(S*chunks), D], sharded over S.
-  """
-  shards = axis_size(mesh, "tokens")
-  tokens = lambda x: constrain(x, mesh, "batch", "tokens", None)
-
-  def over_token_chunks(fn, x, max_tokens=None):
-    max_tokens = max_tokens or default_max_tokens
-    batch, n = x.shape[:2]
-    local = n // shards
-    chunks = -(-local // max_tokens)
-    while local % chunks:
-      chunks += 1
-    if chunks == 1:
-      return tokens(fn(tokens(x)))
-    pinned = lambda a: constrain(a, mesh, "batch", "tokens", None, None)
-    xs = pinned(x.reshape(batch, shards, chunks, local // chunks, *x.shape[2:]))
-    # Each chunk rematerialised when differentiated, as in dit._over_token_chunks.
-    out = jax.lax.map(jax.checkpoint(lambda xi: pinned(fn(pinned(xi)))), jnp.moveaxis(xs, 2, 0))  # [chunks, B, S, n', D']
-    return tokens(jnp.moveaxis(out, 0, 2).reshape(batch, n, *out.shape[4:]))
-
-  return over_token_chunks
-
-
-def sampling_mesh(sequence: int = 1, guidance_parallel: bool = False, devices: Sequence[Any] | None = None) -> Mesh | None:
-  """The mesh sample.py runs the DiT on: this process's first `2 if guidance_parallel else 1`
-  x `sequence` devices, the conditional/unconditional batch over "data" and the tokens over
-  "sequence". None (one device) when both are 1. Processes sample their own prompts, so the
-  mesh never spans hosts."""
-  data = 2 if guidance_parallel else 1
-  if sequence < 1:
-    raise ValueError(f"sample.sequence must be >= 1, got {sequence}")
-  if data * sequence == 1:
-    return None
-  devices = list(jax.local_devices() if devices is None else devices)
-  if len(devices) < data * sequence:
-    raise ValueError(f"sequence {sequence} x guidance {data} needs {data * sequence} devices, this process has "
-                     f"{len(devices)}: lower sample.sequence or set sample.guidance_parallel=False")
-  return make_mesh(data=data, fsdp=1, sequence=sequence, devices=devices[:data * sequence])
-
-
-def sampling_dit_kwargs(mesh: Mesh | None, relayout: str = "auto") -> dict:
-  """dit_kwargs for inference: the sequence-parallel hooks, and with only a data axis (guidance
-  parallel) the residual stream pinned to ("batch", "tokens", None) so the two halves of the
-  guided batch stay on their devices."""
-  kwargs = dit_kwargs(mesh, relayout=relayout)
-  if mesh is not None and not kwargs and axis_size(mesh, "batch") > 1:
-    kwargs = {"token_constraint": lambda x: constrain(x, mesh, "batch", "tokens", None)}
-  return kwargs
-
-
-def dit_kwargs(mesh: Mesh | None, collective: str = "auto", relayout: str = "auto", stages: int = 3) -> dict:
-  """WanDiT's layout hooks for sequence parallelism over `mesh` ({} without it).
-
-  Self-attention through `sharded_t3_attention`; cross-attention per device
-  (`sharded_cross_attention`); the FFN's token chunks per device
-  (`sharded_token_chunks`); the patch tokens, modulated inputs and residual stream
-  pinned to ("batch", "tokens", None). Then everything between the attention calls runs
-  on each device's own tokens, and XLA all-gathers the fsdp-sharded weights at each use
-  instead of moving activations to match the weights' sharding.
-  """
-  check_layout_options(relayout, collective)
-  if mesh is None or axis_size(mesh, "tokens") == 1:
-    return {}
-  from t3_jax import dit  # late: dit imports attention, not sharding
-  return {"attention_fn": sharded_t3_attention(mesh, collective, relayout, stages),
-          "token_constraint": lambda x: constrain(x, mesh, "batch", "tokens", None),
-          "cross_attention_fn": sharded_cross_attention(mesh, dit._dense_attention),
-          "token_chunks_fn": sharded_token_chunks(mesh, dit.FFN_CHUNK_TOKENS)}

@@ -1,0 +1,1 @@
+"""Meshes, logical axis rules, and how a model's activations are laid out over devices."""

@@ -1,0 +1,158 @@
+"""Device mesh and logical axis rules.
+
+One mesh spans every device of every host, with four named axes (all Auto, so XLA's
+SPMD partitioner places what the rules don't pin down):
+
+  data      pure data parallelism: a replica of the parameters per index
+  fsdp      data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  sequence  the video's tokens split across devices (4K: 685,440 tokens)
+  tensor    optional head parallelism (size 1 unless asked for)
+
+Parameters are sharded over fsdp x sequence (the devices that hold different data),
+on their largest dimension that divides; activations follow LOGICAL_AXIS_RULES.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# The one table from logical axis names to mesh axes (None: replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),   # examples: data parallel over data x fsdp
+    ("tokens", "sequence"),        # the video's latent tokens
+    ("windows", "sequence"),       # window units after the re-layout (sharded_t3_attention)
+    ("heads", "tensor"),
+    ("mlp", "tensor"),             # FFN hidden
+    ("embed", None),               # model width of activations
+    ("text", None),                # context tokens (512): small, replicated
+    ("layers", None),              # stacked block parameters: scanned, never sharded
+    ("params", ("fsdp", "sequence")),  # the dimension a parameter is sharded on
+)
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over all devices (all hosts): axes (data, fsdp, sequence, tensor).
+
+  One size may be -1: it takes the remaining devices. Axis types are Auto so that
+  jitted code with sharded contracting dimensions is partitioned, not rejected.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(data), int(fsdp), int(sequence), int(tensor)]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes (data, fsdp, sequence, tensor) = {tuple(sizes)}: use positive sizes and at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices can't be split into mesh {tuple(sizes)}: choose sizes whose product divides the device count")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}: set one size to -1")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_from_config(config) -> Mesh:
+  """Mesh from a ConfigDict with fields data, fsdp, sequence, tensor."""
+  return make_mesh(config.get("data", 1), config.get("fsdp", -1), config.get("sequence", 1), config.get("tensor", 1))
+
+
+def _mesh_axes(mesh: Mesh, logical: str | None):
+  """Mesh axes of a logical name, dropping axes of size 1 (or absent)."""
+  if logical is None:
+    return None
+  if logical not in _RULES:
+    raise ValueError(f"unknown logical axis {logical!r}: add it to LOGICAL_AXIS_RULES")
+  axes = _RULES[logical]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def logical_to_spec(mesh: Mesh, logical_axes: Sequence[str | None]) -> P:
+  """PartitionSpec for an array whose dimensions have these logical names."""
+  return P(*(_mesh_axes(mesh, name) for name in logical_axes))
+
+
+def logical_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
+  """e.g. logical_sharding(mesh, "batch", "tokens", "embed")."""
+  return NamedSharding(mesh, logical_to_spec(mesh, logical_axes))
+
+
+def axis_size(mesh: Mesh, logical: str) -> int:
+  axes = _mesh_axes(mesh, logical)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def constrain(x, mesh: Mesh | None, *logical_axes: str | None):
+  """with_sharding_constraint by logical names; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, *logical_axes))
+
+
+# --- Parameters: fsdp over the largest dimension. ---
+
+# Parameters (per layer, for stacked ones) with fewer elements stay replicated: biases, norm
+# scales and modulation tables weigh nothing, and sharding them costs an all-gather each per
+# use (and made XLA's partitioner replicate-then-repartition the [6, dim] modulation).
+MIN_SHARDED_ELEMENTS = 1 << 16
+
+
+def param_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False) -> P:
+  """Shards the largest dimension that divides the fsdp x sequence size.
+
+  stacked: the leading axis is the [num_layers] axis of scanned blocks; it stays
+  whole (the scan slices it, and a sharded slice would all-gather every layer).
+  Falls back to fsdp alone, then to replication, when nothing divides, and
+  replicates parameters under MIN_SHARDED_ELEMENTS (per layer).
+  """
+  first = 1 if stacked and len(shape) > 1 else 0
+  if math.prod(shape[first:]) < MIN_SHARDED_ELEMENTS:
+    return P()
+  full = _mesh_axes(mesh, "params")
+  candidates = [full]
+  if isinstance(full, tuple):  # try the single axes too, the larger first
+    candidates += sorted(full, key=lambda a: -mesh.shape[a])
+  dims = sorted(range(first, len(shape)), key=lambda d: -shape[d])
+  for axes in candidates:
+    if axes is None:
+      break
+    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    for d in dims:
+      if shape[d] % size == 0 and shape[d] >= size:
+        spec = [None] * len(shape)
+        spec[d] = axes
+        return P(*spec)
+  return P()
+
+
+def _is_stacked(path) -> bool:
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return any(n == "blocks" for n in names)
+
+
+def param_shardings(params, mesh: Mesh):
+  """NamedShardings for a parameter tree (arrays or ShapeDtypeStructs).
+
+  Leaves under a "blocks" key are stacked [num_layers, ...] and keep that axis whole.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, param_spec(np.shape(x), mesh, _is_stacked(path))), params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shardings(batch, mesh: Mesh):
+  """Every batch array split over "batch" on its leading axis, the rest replicated."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(mesh, ["batch"] + [None] * (np.ndim(x) - 1))), batch)

@@ -1,0 +1,1 @@
+"""The retrofit fine-tune: data, the trainer, LoRA."""

@@ -1,0 +1,1 @@
+"""The weights engine: torch checkpoints to Orbax, loading, validation."""
