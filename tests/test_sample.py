@@ -69,6 +69,10 @@ def test_demo_on_several_devices(tmp_path):
 @pytest.mark.parametrize("args, expect", [
     (["--config=configs/t3_wan.py:demo", "--config.sample.frames=80"], "frames must be 4k+1"),
     (["--config=configs/t3_wan.py:demo", "--config.sample.nope=1"], "unknown config field 'sample.nope'"),
+    (["--config.sample.nope=1"], "unknown config field 'sample.nope'"),  # the default config, overridden
+    (["--config=configs/t3_wan.py:demo", "--config.sample.attention=full"], "unknown config field 'sample.attention'"),
+    (["--config=configs/t3_wan.py:demo", "--config.model.attention=half"], "model.attention must be 't3' or 'full'"),
+    (["--config=configs/t3_wan.py:stage1"], "not a sampling config"),
     (["--config=configs/t3_wan.py", "--config.sample.dit_checkpoint={tmp}/missing"],
      "python convert_torch_weights.py SOURCE {tmp}/missing --kind dit"),
     (["--config=configs/t3_wan.py:demo", "--prompts_file={tmp}/prompts.json"], "not valid JSON"),

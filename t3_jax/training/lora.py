@@ -148,12 +148,12 @@ def merge_checkpoint(ckpt: str, lora_dir: str, output: str, step: int | None = N
   ckpt: the base DiT checkpoint (t3_jax.weights.checkpoint layout). lora_dir: a training workdir
   (its latest step, or `step`) whose run trained LoRA adapters.
   """
+  from t3_jax.training import workdir as workdir_lib
   from t3_jax.weights import checkpoint as checkpoint_lib
-  from t3_jax.training import trainer as trainer_lib
 
   checkpoint_lib.check_output_dir(output, overwrite)  # before loading anything
   params, config = checkpoint_lib.load_checkpoint(ckpt, kind="dit")
-  adapters, meta = trainer_lib.load_trained_params(lora_dir, step)
+  adapters, meta = workdir_lib.load_trained_params(lora_dir, step)
   lora_meta = meta.get("lora") or {}
   if not lora_meta.get("rank"):
     raise ValueError(f"{lora_dir} holds a full fine-tune, not LoRA adapters: its params are already a DiT "
