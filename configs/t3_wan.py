@@ -94,7 +94,7 @@ def _train(c: ml_collections.ConfigDict, init_checkpoint: str) -> ml_collections
   c.lora.targets = "q,k,v,o,ffn.0,ffn.2"
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 1, -1, 1, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.sequence = 1, -1, 1
   c.mesh.relayout = "auto"     # sequence-parallel attention: auto / heads (all-to-all of head groups) / windows
   c.mesh.collective = "auto"   # relayout=windows exchange: auto / all_to_all / ppermute
 

@@ -53,8 +53,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from t3_jax import cli
-
-logger = logging.getLogger(__name__)
+from t3_jax.logs import log
 
 DATASET_NAME = "t3_latents"
 SPLIT = "train"
@@ -264,7 +263,7 @@ def prepare_dataset(items: Sequence[VideoItem], output_dir: str | os.PathLike, e
           except ValueError as e:
             if not skip_bad:
               raise
-            logger.warning("Skipping %s: %s", item.source, e)
+            log.warning("Skipping %s: %s", item.source, e)
             skipped.append(item.source)
             bar.update()
             continue
@@ -290,7 +289,7 @@ def prepare_dataset(items: Sequence[VideoItem], output_dir: str | os.PathLike, e
   tmp = info_path.with_suffix(".tmp")
   tmp.write_text(json.dumps(info, indent=1))
   tmp.rename(info_path)  # atomic: finalize never sees half a file
-  logger.info("Wrote %d examples to %s (%d skipped).", written, shard_path, len(skipped))
+  log.info("Wrote %d examples to %s (%d skipped).", written, shard_path, len(skipped))
 
   done = [output_dir / _shard_info_name(i, process_count) for i in range(process_count)]
   if all(p.exists() for p in done):
@@ -332,7 +331,7 @@ def finalize_dataset(output_dir: str | os.PathLike) -> None:
       check_data=False,  # the check reads through TensorFlow
       disable_shuffling=True, description="T3-Video training cache: Wan VAE latents + umT5 context.",
       metadata=tfds.core.MetadataDict(metadata))
-  logger.info("Dataset %s: %d examples, latents %s.", output_dir, split.num_examples, latent_shape)
+  log.info("Dataset %s: %d examples, latents %s.", output_dir, split.num_examples, latent_shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ Command line:
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 from typing import Sequence
@@ -30,8 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from t3_jax import cli
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import signal
@@ -46,15 +45,15 @@ from jax.sharding import Mesh, NamedSharding
 
 from t3_jax.core import schedule as schedule_lib
 from t3_jax.diffusion import flow
+from t3_jax.logs import log
 from t3_jax.models import dit as dit_lib
 from t3_jax.models import vae as vae_lib
-from t3_jax.parallel import layout as layout_lib
 from t3_jax.parallel import mesh as mesh_lib
+from t3_jax.parallel.layout import Layout
 from t3_jax.training import lora as lora_lib
 from t3_jax.training import workdir as workdir_lib
 from t3_jax.training.workdir import checkpoint_manager, load_trained_params  # noqa: F401  (the trainer's API)
 
-log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (matched on device_kind).
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("H20", 148e12),
@@ -160,16 +159,17 @@ def validate(config) -> None:
 
 def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
   """(WanDiT, DiTConfig): abstract (ShapeDtypeStruct parameters) unless abstract=False.
-  With a mesh whose sequence axis is > 1 the DiT's self-attention is sequence-parallel."""
+  With a mesh the DiT is laid out over it (Layout: examples over data x fsdp, tokens over
+  sequence) and its attention kernel is chosen for the mesh's devices."""
   cfg = dit_config(config)
   m = config.model
+  layout = None if mesh is None else Layout(mesh, relayout=config.mesh.get("relayout", "auto"),
+                                            collective=config.mesh.get("collective", "auto"))
 
   def make(seed=0):
     return dit_lib.WanDiT(cfg, attention=m.attention, schedule=m.get("schedule"), dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), remat=m.remat,
-                          implementation=m.get("implementation", None), rngs=nnx.Rngs(seed),
-                          **layout_lib.dit_kwargs(mesh, config.mesh.get("collective", "auto"),
-                                               config.mesh.get("relayout", "auto")))
+                          implementation=m.get("implementation", None), layout=layout, rngs=nnx.Rngs(seed))
 
   return (nnx.eval_shape(make) if abstract else make(config.seed)), cfg
 
@@ -233,7 +233,7 @@ def _check_process_rows(batch_sharding: NamedSharding, global_batch: int):
   want = set(range(jax.process_index() * b, (jax.process_index() + 1) * b))
   if rows != want:
     raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)[:4]}... but its loader reads "
-                     f"rows {sorted(want)[:4]}...: put the data/fsdp mesh axes across hosts (sequence and tensor within a host)")
+                     f"rows {sorted(want)[:4]}...: put the data/fsdp mesh axes across hosts (sequence within a host)")
 
 
 # ------------------------------------------------------------------------- the step
