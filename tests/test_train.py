@@ -152,6 +152,34 @@ def test_two_processes_jax_distributed(reference_run, tmp_path, env):
   assert (workdir / "checkpoints" / "2").is_dir()
 
 
+def test_two_processes_sigterm_on_one_stops_both_at_one_step(tmp_path, env):
+  """SIGTERM to one of two processes: JAX's preemption sync manager picks one step, both save it
+  (Orbax's reached_preemption; no collective of the trainer's per step) and exit 0."""
+  port = 20000 + (os.getpid() + 7) % 20000
+  workdir = tmp_path / "two"
+  procs = []
+  for i in range(2):
+    cmd = ["timeout", "-s", "KILL", "400", sys.executable, "train.py", f"--workdir={workdir}", *TRAIN_ARGS,
+           "--config.total_steps=3000", "--config.checkpoint.every=1000", "--config.mesh.fsdp=2", "--distributed",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 330
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  os.kill(procs[1].pid, signal.SIGTERM)  # `timeout` passes it on to its child
+  outs = [p.communicate(timeout=360) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  steps, _ = _losses(workdir)
+  assert 3 <= steps[-1] < 3000 and steps == list(range(1, steps[-1] + 1))
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [steps[-1]]
+  for _, err in outs:
+    assert f"preempted: checkpoint of step {steps[-1]} saved" in err
+
+
 def _tiny_config(**changes):
   config = t3_wan.get_config("tiny")
   config.progress = False
