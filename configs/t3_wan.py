@@ -131,8 +131,10 @@ def _sample(c: ml_collections.ConfigDict, dit_checkpoint: str = T3_WAN21_1_3B,
   s.vae_checkpoint = vae_checkpoint
   s.umt5_checkpoint = UMT5_XXL
   s.tokenizer_dir = UMT5_TOKENIZER  # the google/umt5-xxl/ folder of a Wan release
-  s.random_init = ""      # "tiny-wan2.1"/"tiny-wan2.2": random tiny models, no checkpoints (demo)
-  s.random_num_layers = 5
+  # Random weights, no checkpoints: "tiny-wan2.1"/"tiny-wan2.2" (tiny models, the demo) or a DiT
+  # preset ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"): the DiT, its VAE and umT5-XXL at full size (timing).
+  s.random_init = ""
+  s.random_num_layers = 0  # DiT layers of a random_init model; 0 = the preset's
   s.text_len = 512
   s.vae_tiled = True
   s.vae_tile = (68, 120)        # latent pixels: the release's command line (--tiled true)
