@@ -46,7 +46,7 @@ flags.DEFINE_string("export", None, "instead of training: save the workdir's tra
 FLAGS = flags.FLAGS
 
 
-def describe(config, trainer) -> str:
+def describe(config) -> str:
   """What the run trains, in one line."""
   d = config.data
   what = f"LoRA rank {config.lora.rank} on" if config.lora.rank else "full fine-tune of"
@@ -79,7 +79,7 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s); "
-          f"{describe(config, trainer)}; workdir {workdir_path}")
+          f"{describe(config)}; workdir {workdir_path}")
   try:
     history = trainer.Trainer(config, workdir_path).train()
   except cli.USER_ERRORS as e:  # a bad mesh, a missing checkpoint or dataset
