@@ -64,7 +64,8 @@ def _train(c: ml_collections.ConfigDict, init_checkpoint: str) -> ml_collections
   c.seed = 0
   c.total_steps = 500
   c.batch_size = 8            # global, over all hosts
-  c.microbatches = 1          # gradient accumulation: batch_size / microbatches per forward
+  c.microbatches = 1          # gradient accumulation: batch_size / microbatches per forward; 0: one
+                              # example per batch shard (data x fsdp) per forward
   c.log_every = 1
   c.progress = True
 
@@ -184,6 +185,7 @@ def _wan_train(preset: str, stage: int, lora: bool) -> ml_collections.ConfigDict
     c = _train(_config(preset), STAGE1_5B if is_5b else STAGE1_1_3B)
     c.data.frames, c.data.height, c.data.width = 81, 2176, 3840
     c.batch_size, c.total_steps = 8, 500
+    c.microbatches = 0  # one 4K video per batch shard per forward, gradients accumulated
     # 4K tokens split over devices: 685,440 for the 1.3B (VAE stride 8), 171,360 for the 5B (16).
     c.mesh.sequence = 4 if is_5b else 8
     if lora:

@@ -118,7 +118,7 @@ def validate(config) -> None:
 
   positive_int("total_steps", config.total_steps)
   positive_int("batch_size", config.batch_size)
-  positive_int("microbatches", config.microbatches)
+  positive_int("microbatches", config.microbatches, 0)  # 0: one example per batch shard per forward
   positive_int("log_every", config.log_every)
   positive_int("data.text_len", d.text_len)
   positive_int("data.prefetch", d.get("prefetch", 2), 0)
@@ -245,13 +245,15 @@ def _check_process_rows(batch_sharding: NamedSharding, global_batch: int):
 
 # ------------------------------------------------------------------------- the step
 
-def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alpha: float | None):
+def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alpha: float | None,
+                    microbatches: int | None = None):
   """step(state, frozen, batch) -> (state, metrics).
 
   frozen: the base parameters when training LoRA adapters, else {}.
   batch: {"latents": [B, C, F, H, W], "context": [B, L, text_dim]}; B = microbatches * micro.
+  microbatches: gradient accumulation steps (default config.microbatches).
   """
-  accum = int(config.microbatches)
+  accum = int(microbatches or config.microbatches)
   shift = float(config.flow.shift)
   round_bf16 = bool(config.flow.get("round_timesteps_to_bf16", False))
 
@@ -419,15 +421,17 @@ def train_program(config, mesh: Mesh) -> TrainProgram:
   d = config.data
   global_batch = int(config.batch_size)
   per_device = mesh_lib.axis_size(mesh, "batch")
-  if global_batch % (config.microbatches * per_device) or global_batch % jax.process_count():
-    raise ValueError(f"batch_size {global_batch} must split into {config.microbatches} microbatches, each "
+  # microbatches 0: one example per batch shard per forward (the 4K jobs: memory for one video).
+  microbatches = int(config.microbatches) or max(1, global_batch // per_device)
+  if global_batch % (microbatches * per_device) or global_batch % jax.process_count():
+    raise ValueError(f"batch_size {global_batch} must split into {microbatches} microbatches, each "
                      f"divisible by the {per_device} batch shards (data x fsdp) and by {jax.process_count()} processes")
   batch_spec = {"latents": jax.ShapeDtypeStruct((global_batch, *lshape), jnp.float32),
                 "context": jax.ShapeDtypeStruct((global_batch, d.text_len, dit_cfg.text_dim), jnp.float32)}
   batch_sharding = mesh_lib.batch_shardings(batch_spec, mesh)
   batch_spec = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch_spec, batch_sharding)
 
-  step_fn = make_train_step(graphdef, tx, lr_schedule, config, mesh, lora_alpha)
+  step_fn = make_train_step(graphdef, tx, lr_schedule, config, mesh, lora_alpha, microbatches)
   step = jax.jit(step_fn, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                  out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   flops = global_batch * model_flops_per_example(model, dit_cfg, lshape, d.text_len)
