@@ -10,6 +10,9 @@ Multi-host: pass --distributed on every host (jax.distributed.initialize(): clus
 auto-detection, or --coordinator_address/--num_processes/--process_id, or the
 JAX_COORDINATOR_ADDRESS environment variable).
 
+Before renting a TPU slice: --compile_for=v5p-16 compiles the exact step for that slice
+here and writes WORKDIR/compile_report.json (per-chip memory, fit, compiler time estimate).
+
 After training: --export=DIR writes a full fine-tune's DiT as a plain checkpoint;
 LoRA adapters merge with `python -m t3_jax.training.lora merge --ckpt BASE --lora WORKDIR --output DIR`.
 """
@@ -27,11 +30,20 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with -
 flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
 flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)")
 flags.DEFINE_string("export", None, "instead of training: save the workdir's trained DiT to this directory")
+flags.DEFINE_string("compile_for", None, "instead of training: compile the train step for this Cloud TPU slice "
+                    "(v5p-16, v6e-32, ...) on this machine and report its per-chip memory (docs/TPU.md)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  if FLAGS.compile_for:  # no TPU, no weights, no data: the TPU compiler's verdict on the step
+    from t3_jax import cli, compile_for
+    try:
+      status = compile_for.run("train", FLAGS.config, FLAGS.compile_for, FLAGS.workdir)
+    except cli.USER_ERRORS as e:
+      cli.fail(e)
+    raise SystemExit(status)
   import jax
 
   if FLAGS.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
