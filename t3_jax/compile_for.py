@@ -306,10 +306,10 @@ def _finish(report: dict) -> dict:
   return report
 
 
-def _resolve_kernel(implementation: str | None, dtype, head_dim: int) -> str:
-  """The attention kernel a TPU would pick (the platform of the target chips, not of this host)."""
+def _resolve_kernel(implementation: str | None, dtype, head_dim: int, mesh) -> str:
+  """The attention kernel the DiT compiles for the mesh's (TPU) devices, as its Layout picks it."""
   from t3_jax.core import attention
-  return attention.choose_implementation(implementation, dtype, head_dim, platform="tpu")
+  return attention.choose_implementation(implementation, dtype, head_dim, attention.Target.of(mesh.devices))
 
 
 def _mesh_dict(mesh) -> dict:
@@ -326,7 +326,7 @@ def slice_mesh(tpu_slice: TPUSlice, devices, *sizes):
   try:
     return mesh_lib.make_mesh(*sizes, devices=devices)
   except NotImplementedError as e:
-    raise ValueError(f"mesh (data, fsdp, sequence, tensor) = {tuple(sizes)} can't be laid out on the "
+    raise ValueError(f"mesh (data, fsdp, sequence) = {tuple(sizes)} can't be laid out on the "
                      f"{tpu_slice.topology} chips of {tpu_slice.name} ({' '.join(str(e).split())[:160]}): choose "
                      "mesh sizes that are products of the topology's axis sizes") from None
 
@@ -347,7 +347,7 @@ def check_host_rows(batch_sharding, global_batch: int, hosts: int) -> None:
     if held != set(range(host * b, (host + 1) * b)):
       raise ValueError(f"host {host} holds batch rows {sorted(held)[:4]}... but its loader reads rows "
                        f"{host * b}..{(host + 1) * b - 1}: put the data/fsdp mesh axes across hosts "
-                       "(sequence and tensor within a host)")
+                       "(sequence within a host)")
 
 
 def compile_train(config, slice_name: str) -> dict:
@@ -360,14 +360,10 @@ def compile_train(config, slice_name: str) -> dict:
 
   devices = slice_devices(tpu_slice)
   m = config.mesh
-  mesh = slice_mesh(tpu_slice, devices, m.get("data", 1), m.get("fsdp", -1), m.get("sequence", 1),
-                    m.get("tensor", 1))
-  config = config.copy_and_resolve_references()
+  mesh = slice_mesh(tpu_slice, devices, m.get("data", 1), m.get("fsdp", -1), m.get("sequence", 1))
   dit_cfg = trainer.dit_config(config)
   kernel = _resolve_kernel(config.model.get("implementation", None), jnp.dtype(config.model.dtype),
-                           dit_cfg.dim // dit_cfg.num_heads)
-  with config.unlocked():
-    config.model.implementation = kernel
+                           dit_cfg.dim // dit_cfg.num_heads, mesh)
   program = trainer.train_program(config, mesh)
   check_host_rows(program.batch_sharding["latents"], program.global_batch, tpu_slice.hosts)
   report = _slice_report("train", tpu_slice)
@@ -482,14 +478,13 @@ def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
   except NotImplementedError as e:
     raise ValueError(f"sample.sequence {s.sequence} x guidance can't be laid out on one {tpu_slice.name} host's "
                      f"chips ({' '.join(str(e).split())[:160]}): choose 1, 2 or 4 devices") from None
-  if mesh is None:  # one chip: the same program, its arguments on that chip
-    mesh = mesh_lib.make_mesh(1, 1, 1, 1, devices=local[:1])
   dtype = pipeline.as_dtype(s.dtype)
-  kernel = _resolve_kernel(s.implementation, dtype, dit_cfg.dim // dit_cfg.num_heads)
-  hooks = layout_lib.sampling_dit_kwargs(mesh if mesh.size > 1 else None)
-  dit = nnx.eval_shape(lambda: dit_lib.WanDiT(dit_cfg, attention=s.attention, schedule=s.schedule, dtype=dtype,
-                                              param_dtype=param_dtype, implementation=kernel, rngs=nnx.Rngs(0),
-                                              **hooks))
+  kernel = _resolve_kernel(s.implementation, dtype, dit_cfg.dim // dit_cfg.num_heads, mesh)
+  # As T3Pipeline builds it (Layout(mesh)); with one chip the mesh is that chip, so the kernel
+  # is chosen for it, not for this host.
+  dit = nnx.eval_shape(lambda: dit_lib.WanDiT(
+      dit_cfg, attention=s.attention, schedule=s.schedule, dtype=dtype, param_dtype=param_dtype,
+      implementation=s.implementation, layout=layout_lib.Layout(mesh), rngs=nnx.Rngs(0)))
   guided = s.guidance != 1
   grid = dit.token_grid((1, *latent))
   tokens = math.prod(grid)
