@@ -187,7 +187,7 @@ def parse_refusal(message: str) -> dict:
   """The compiler's numbers from an out-of-memory refusal: "Used 16.32G of 15.75G hbm", or "the
   total memory required for HLO temporaries (2.20T) exceeds available HBM (15.75G)"."""
   text = " ".join(str(message).split())
-  out = {"compiler_message": text[:600]}
+  out = {"compiler_message": text[:600], "compiler_message_full": str(message)[:20000]}
   used = re.search(rf"Used {_SIZE} of {_SIZE} hbm", text)
   if used:
     out["used_bytes"] = _bytes(used.group(1), used.group(2))
@@ -245,6 +245,8 @@ def compile_program(name: str, lower, tpu_slice: TPUSlice, *, flops_per_chip: fl
       compiler_bytes_accessed=float(cost["bytes accessed"]) if "bytes accessed" in cost else None,
       estimated_seconds_per_step=(float(estimate) if estimate is not None else None),
       steps_per_program=int(steps_per_program),
+      # An upper bound: the estimate leaves out the time inside Mosaic kernels.
+      model_flops_per_s_per_chip=(float(flops_per_chip) / estimate if estimate and flops_per_chip else None),
       mosaic_kernels=count_mosaic_kernels(compiled.as_text()))
   return report
 
@@ -345,9 +347,16 @@ def check_host_rows(batch_sharding, global_batch: int, hosts: int) -> None:
     rows.setdefault(device.process_index, set()).update(range(s.start or 0, global_batch if s.stop is None else s.stop))
   for host, held in sorted(rows.items()):
     if held != set(range(host * b, (host + 1) * b)):
-      raise ValueError(f"host {host} holds batch rows {sorted(held)[:4]}... but its loader reads rows "
-                       f"{host * b}..{(host + 1) * b - 1}: put the data/fsdp mesh axes across hosts "
-                       "(sequence within a host)")
+      raise ValueError(f"on {hosts} hosts, host {host}'s chips hold {len(held)} batch rows "
+                       f"({_rows(held)}) but its loader reads rows {host * b}..{(host + 1) * b - 1}: the batch "
+                       "must split over the hosts (data x fsdp a multiple of the host count, laid out host by "
+                       "host), e.g. --config.mesh.data=<hosts>")
+
+
+def _rows(rows) -> str:
+  rows = sorted(rows)
+  return f"{rows[0]}..{rows[-1]}" if rows == list(range(rows[0], rows[-1] + 1)) else ", ".join(map(str, rows[:6])) + (
+      "..." if len(rows) > 6 else "")
 
 
 def compile_train(config, slice_name: str) -> dict:
@@ -511,7 +520,8 @@ def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
       f"denoise loop ({s.steps} {s.sampler} steps)",
       lambda: pipeline._denoise_jit.lower(*args, sampler=s.sampler, num_steps=int(s.steps), shift=float(s.shift),
                                           progress=bool(s.progress)),
-      tpu_slice, flops_per_chip=step_flops / mesh.size, kernel=kernel, mesh=_mesh_dict(mesh))]
+      tpu_slice, flops_per_chip=step_flops / mesh.size, steps_per_program=int(s.steps), kernel=kernel,
+      mesh=_mesh_dict(mesh))]
 
   report["dit_parameter_bytes_per_chip"] = int(dit_bytes)
   report["programs"] = programs

@@ -108,7 +108,7 @@ def test_batch_rows_must_stay_on_their_host(tmp_path):
   proc = _run("train.py", "--config=configs/t3_wan.py:tiny", f"--workdir={tmp_path}", "--compile_for=v5p-16",
               "--config.batch_size=8", timeout=300)
   error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert proc.returncode == 2 and len(error) == 1 and "host 0 holds batch rows" in error[0], proc.stderr[-2000:]
+  assert proc.returncode == 2 and len(error) == 1 and "host 0" in error[0] and "loader reads rows 0..3" in error[0], proc.stderr[-2000:]
 
 
 # -- the slice table (no compiler) --
@@ -154,3 +154,30 @@ def test_refusal_numbers_are_parsed():
   out = compile_for.parse_refusal("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                                   "temporaries (2.20T) exceeds available HBM (15.75G).")
   assert out["used_bytes"] == int(2.2 * 2**40) and out["limit_bytes"] == int(15.75 * 2**30)
+
+
+@pytest.mark.parametrize("variant, preset, family, latent", [
+    ("default", "wan2.1-t2v-1.3b", "wan2.1", (16, 21, 272, 480)),   # T3-Video-Wan2.1-T2V-1.3B at 4K
+    ("5b", "wan2.2-ti2v-5b", "wan2.2", (48, 21, 136, 240)),         # T3-Video-Wan2.2-T2V-5B at 4K
+])
+def test_sampling_architecture_without_weights(variant, preset, family, latent):
+  """sample.py --compile_for needs no checkpoint: the DiT's architecture from the size its path names."""
+  import importlib.util
+
+  import jax.numpy as jnp
+
+  from t3_jax.models import dit as dit_lib
+
+  spec = importlib.util.spec_from_file_location("t3_wan_config", os.path.join(ROOT, "configs", "t3_wan.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  s = module.get_config(variant).sample
+  assert not os.path.exists(os.path.join(ROOT, s.dit_checkpoint, "config.json"))
+  dit_cfg, param_dtype, vae_config, _ = compile_for._sampling_models(s)
+  assert dit_cfg == dit_lib.DiTConfig.preset(preset) and vae_config.z_dim == dit_cfg.in_channels
+  assert jnp.dtype(param_dtype) == jnp.bfloat16  # what convert_torch_weights.py stores by default
+  assert compile_for._video_shape(s, dit_cfg, vae_config)[0] == latent
+  with s.unlocked():
+    s.dit_checkpoint = "/nonexistent/my-dit"
+  with pytest.raises(ValueError, match="architecture"):
+    compile_for._sampling_models(s)
