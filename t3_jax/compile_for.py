@@ -265,7 +265,7 @@ def format_table(report: dict) -> str:
           "TFLOP/chip", "compiler s/step", "kernel (Mosaic calls)", "compile s")
   rows = []
   for p in s["programs"]:
-    mesh = "x".join(f"{k}{v}" for k, v in p["mesh"].items() if v > 1) or "1 chip"
+    mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "1 chip"
     if "peak_bytes" in p:
       fits = f"{'yes' if p['fits'] else 'NO'} ({(p['headroom_bytes']) / GiB:+.2f})"
       sizes = [_fmt_gib(p[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "peak_bytes")]
@@ -538,7 +538,7 @@ def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
   video = (1, vae_config.image_channels, 1 + vae_config.temporal_stride * (latent[1] - 1),
            latent[2] * sts, latent[3] * sts)
   z = on_chip((1, *latent))
-  vae_mesh = {"tiles over chips": mesh.size}
+  vae_mesh = {"tiles on chips": mesh.size}
   if s.vae_tiled:
     tile = tuple(min(t, n) for t, n in zip(s.vae_tile, latent[2:]))
     stride = tuple(min(a, t) for a, t in zip(s.vae_tile_stride, tile))
