@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -273,38 +274,121 @@ def _vae_with_latent_stats(config: vae_lib.VAEConfig) -> vae_lib.VAEConfig:
                    "convert it again with convert_torch_weights.py --kind vae")
 
 
-def random_init(make, seed: int):
-  """The module `make()` builds, its parameters drawn on the host with NumPy (DEMO and tests).
+def _draw_rule(name: str, shape: Sequence[int]):
+  """How a standard-normal draw becomes a parameter of this name and shape (see `random_init`);
+  the same function serves NumPy (host) and jax.numpy (device) arrays."""
+  if name == "kernel":
+    fan_in = math.prod(shape[:-1]) if len(shape) >= 4 else shape[-2]
+    return lambda x: x / math.sqrt(fan_in)
+  if name in ("scale", "gamma"):
+    return lambda x: 1.0 + 0.1 * x
+  if name == "modulation":
+    return lambda x: x / math.sqrt(shape[-1])
+  if name == "bias":
+    return lambda x: 0.02 * x
+  if name == "relative_attention_bias":
+    return lambda x: 0.1 * x
+  return lambda x: x
 
-  The modules' own initialisers, run eagerly or jitted, compile for up to a minute on a CPU
-  (one XLA program per parameter shape); this takes milliseconds. Matrices and convolution
-  kernels: normal / sqrt(fan_in) (fan_in: the second-last axis, or all but the last for
-  convolutions); norm scales: 1 + 0.1 normal; modulations: normal / sqrt(dim); biases: 0.02
-  normal; embeddings and everything else: normal (scaled 0.1 for position biases).
+
+# Parameters smaller than this share one random draw (sliced): each separate draw is its own
+# piece of XLA program to compile, and a model has hundreds of small parameters.
+_SHARED_DRAW_MAX = 1 << 22
+
+
+@functools.lru_cache(maxsize=16)
+def _draw_on_device(spec: tuple):
+  """One jitted program: key -> a parameter per (name, shape, dtype) of `spec`."""
+  sizes = [math.prod(shape) for _, shape, _ in spec]
+  small = [i for i, n in enumerate(sizes) if n < _SHARED_DRAW_MAX]
+
+  def draw_all(key):
+    shared_key, key = jax.random.split(key)
+    shared = jax.random.normal(shared_key, (sum(sizes[i] for i in small),), jnp.float32)
+    offsets = dict(zip(small, np.cumsum([0] + [sizes[i] for i in small]).tolist()))
+    out = []
+    for i, (name, shape, dtype) in enumerate(spec):
+      if i in offsets:
+        x = jax.lax.dynamic_slice_in_dim(shared, offsets[i], sizes[i]).reshape(shape)
+      else:
+        x = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+      out.append(_draw_rule(name, shape)(x).astype(dtype))
+    return out
+  return jax.jit(draw_all)
+
+
+def random_init(make, seed: int, *, on_device: bool = False):
+  """The module `make()` builds, with random parameters (DEMO, tests and timing runs).
+
+  Matrices and convolution kernels: normal / sqrt(fan_in) (fan_in: the second-last axis, or all
+  but the last for convolutions); norm scales: 1 + 0.1 normal; modulations: normal / sqrt(dim);
+  biases: 0.02 normal; embeddings and everything else: normal (scaled 0.1 for position biases).
+
+  on_device=False draws on the host with NumPy: the modules' own initialisers, run eagerly or
+  jitted, compile for up to a minute on a CPU (one XLA program per parameter shape); this takes
+  milliseconds for tiny models. on_device=True draws every parameter in ONE jitted program on
+  the default device, straight in its dtype (bf16 stays bf16): the full-size models (umT5-XXL
+  alone has 5.7e9 parameters) take seconds this way and never pass through host memory.
   """
   graphdef, state = nnx.split(nnx.eval_shape(make))
-  rng = np.random.default_rng(seed)
+  structs = nnx.to_pure_dict(state)
 
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    shape = leaf.shape
-    x = rng.standard_normal(shape, dtype=np.float32)
-    if name == "kernel":
-      fan_in = math.prod(shape[:-1]) if len(shape) >= 4 else shape[-2]
-      x = x / math.sqrt(fan_in)
-    elif name in ("scale", "gamma"):
-      x = 1.0 + 0.1 * x
-    elif name == "modulation":
-      x = x / math.sqrt(shape[-1])
-    elif name == "bias":
-      x = 0.02 * x
-    elif name == "relative_attention_bias":
-      x = 0.1 * x
-    return jnp.asarray(x, leaf.dtype)
+  if on_device:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(structs)
+    spec = tuple((str(getattr(path[-1], "key", path[-1])), tuple(leaf.shape), jnp.dtype(leaf.dtype))
+                 for path, leaf in leaves)
+    # "rbg" keys: XLA's own bit generator, far quicker to compile than threefry for hundreds of leaves.
+    params = jax.tree_util.tree_unflatten(treedef, _draw_on_device(spec)(jax.random.key(seed, impl="rbg")))
+  else:
+    rng = np.random.default_rng(seed)
 
-  params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state))
+    def draw(path, leaf):
+      rule = _draw_rule(str(getattr(path[-1], "key", path[-1])), leaf.shape)
+      return jnp.asarray(rule(rng.standard_normal(leaf.shape, dtype=np.float32)), leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, structs)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
+
+
+# What T3Pipeline.random builds: the tiny test models, or the DiT presets at full size.
+RANDOM_PRESETS = ("tiny-wan2.1", "tiny-wan2.2", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "wan2.1-t2v-14b")
+
+
+def random_configs(preset: str, num_layers: int | None = None, dtype="float32"):
+  """(DiT config, VAE config, umT5 config, {"dit"|"vae"|"umt5": dtype kwargs}) of a random pipeline.
+
+  Tiny presets: the DiT is made to fit the tiny VAE's latent channels and the tiny encoder's
+  width, the VAE gets identity latent statistics, every module computes and stores in `dtype`
+  (as before). Full presets: the DiT preset, its family's VAE preset (real latent statistics) and
+  umT5-XXL unchanged; parameters stored as `from_checkpoints` holds converted weights (DiT and
+  umT5 in bf16, the VAE in fp32), computing in `dtype`.
+  """
+  if preset not in RANDOM_PRESETS:
+    raise ValueError(f"unknown random_init preset {preset!r}: use one of {', '.join(RANDOM_PRESETS)}")
+  if num_layers is not None and (not isinstance(num_layers, (int, np.integer)) or num_layers < 0):
+    raise ValueError(f"num_layers must be a positive integer (or 0: the preset's), got {num_layers!r}")
+  dtype = as_dtype(dtype)
+  dit_config = dit_lib.DiTConfig.preset(preset)
+  if preset.startswith("tiny-"):
+    vae_config = vae_lib.get_config(preset)
+    vae_config = dataclasses.replace(vae_config, latents_mean=(0.0,) * vae_config.z_dim,
+                                     latents_std=(1.0,) * vae_config.z_dim)
+    umt5_config = dataclasses.replace(umt5_lib.UMT5Config.tiny(), vocab_size=ByteTokenizer.vocab_size)
+    dit_config = dataclasses.replace(dit_config, in_channels=vae_config.z_dim, out_channels=vae_config.z_dim,
+                                     text_dim=umt5_config.d_model)
+    dtypes = {"dit": {"dtype": dtype}, "vae": {"dtype": dtype}, "umt5": {"dtype": dtype}}
+  else:
+    vae_config = vae_lib.get_config(dit_config.family)
+    umt5_config = umt5_lib.UMT5Config.umt5_xxl()
+    # As from_checkpoints holds them: the DiT as the converter stores the release's (bf16), the
+    # VAE in fp32, umT5 in bf16 (load_umt5's storage), whatever the compute dtype.
+    dtypes = {"dit": {"dtype": dtype, "param_dtype": jnp.bfloat16},
+              "vae": {"dtype": dtype, "param_dtype": jnp.float32},
+              "umt5": {"dtype": dtype, "param_dtype": jnp.bfloat16}}
+  if num_layers:
+    dit_config = dataclasses.replace(dit_config, num_layers=int(num_layers))
+  return dit_config, vae_config, umt5_config, dtypes
 
 
 class T3Pipeline:
@@ -372,27 +456,30 @@ class T3Pipeline:
   def random(cls, preset: str = "tiny-wan2.1", *, seed: int = 0, num_layers: int | None = None,
              attention: str = "t3", schedule=None, dtype="float32", text_len: int = 64,
              mesh=None) -> "T3Pipeline":
-    """Randomly initialised DiT, VAE and umT5 of a tiny preset (DEMO and tests only).
+    """Randomly initialised DiT, VAE and umT5 (DEMO, tests, and timing without weights).
 
-    preset: "tiny-wan2.1" or "tiny-wan2.2" (dit.PRESETS and vae.PRESETS share these names).
-    The DiT is made to fit the VAE's latent channels and the encoder's width; the VAE gets
-    identity latent statistics; the tokenizer is the byte-level ByteTokenizer. The videos are
-    noise-like: nothing here is trained.
+    preset: one of RANDOM_PRESETS.
+      - "tiny-wan2.1", "tiny-wan2.2": tiny models (dit.PRESETS and vae.PRESETS share these
+        names), drawn on the host; the VAE gets identity latent statistics.
+      - a full DiT preset ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "wan2.1-t2v-14b"): the DiT at
+        that preset, its family's Wan VAE and umT5-XXL, all at their real sizes, drawn on the
+        device in the dtypes `from_checkpoints` holds them in (bf16 DiT and umT5 parameters, fp32
+        VAE parameters), so a run times what a user's run with converted weights computes.
+    num_layers: a shallower DiT (None or 0: the preset's). The tokenizer is the byte-level
+    ByteTokenizer (its ids are valid umT5-XXL ids). The videos are noise-like: nothing here is trained.
     """
-    vae_config = vae_lib.get_config(preset)
-    vae_config = dataclasses.replace(vae_config, latents_mean=(0.0,) * vae_config.z_dim,
-                                     latents_std=(1.0,) * vae_config.z_dim)
-    umt5_config = dataclasses.replace(umt5_lib.UMT5Config.tiny(), vocab_size=ByteTokenizer.vocab_size)
-    dit_config = dataclasses.replace(
-        dit_lib.DiTConfig.preset(preset), in_channels=vae_config.z_dim, out_channels=vae_config.z_dim,
-        text_dim=umt5_config.d_model, num_layers=num_layers or dit_lib.DiTConfig.preset(preset).num_layers)
-    dtype = as_dtype(dtype)
+    dit_config, vae_config, umt5_config, dtypes = random_configs(preset, num_layers, dtype)
+    full = not preset.startswith("tiny-")
     start = time.perf_counter()
-    dit = random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
-                                             rngs=nnx.Rngs(0), layout=Layout(mesh)), seed)
-    vae = random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
-    text_encoder = random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
+    dit = random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule,
+                                             rngs=nnx.Rngs(0), layout=Layout(mesh), **dtypes["dit"]),
+                      seed, on_device=full)
+    vae = random_init(lambda: vae_lib.WanVAE(vae_config, rngs=nnx.Rngs(0), **dtypes["vae"]), seed + 1,
+                      on_device=full)
+    text_encoder = random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, rngs=nnx.Rngs(0), **dtypes["umt5"]),
+                               seed + 2, on_device=full)
     pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)
+    jax.block_until_ready(pipe._state)
     pipe.load_seconds = time.perf_counter() - start
     return pipe
 
