@@ -386,7 +386,7 @@ def compile_train(config, slice_name: str) -> dict:
 
 
 TRAIN_FIXES = ("more chips (a larger slice), more of them on --config.mesh.sequence, --config.model.remat=full, "
-               "or LoRA (--config.lora.rank=64)")
+               "gradient accumulation (--config.microbatches), or LoRA (--config.lora.rank=64)")
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -420,20 +420,14 @@ def _sampling_models(s):
   """(dit_cfg, param_dtype, vae_config, vae_param_dtype) as sample.py's pipeline builds them."""
   import jax.numpy as jnp
 
-  from t3_jax.models import dit as dit_lib
-  from t3_jax.models import umt5 as umt5_lib
+  from t3_jax.diffusion import pipeline
   from t3_jax.models import vae as vae_lib
   from t3_jax.weights import checkpoint as checkpoint_lib
 
-  if s.random_init:  # as T3Pipeline.random: the DiT fitted to the VAE and the encoder
-    vae_config = vae_lib.get_config(s.random_init)
-    vae_config = dataclasses.replace(vae_config, latents_mean=(0.0,) * vae_config.z_dim,
-                                     latents_std=(1.0,) * vae_config.z_dim)
-    base = dit_lib.DiTConfig.preset(s.random_init)
-    text_dim = umt5_lib.UMT5Config.tiny().d_model if s.random_init.startswith("tiny") else base.text_dim
-    dit_cfg = dataclasses.replace(base, in_channels=vae_config.z_dim, out_channels=vae_config.z_dim,
-                                  text_dim=text_dim, num_layers=s.random_num_layers or base.num_layers)
-    return dit_cfg, jnp.float32, vae_config, jnp.float32
+  if s.random_init:  # as T3Pipeline.random builds them
+    dit_cfg, vae_config, _, dtypes = pipeline.random_configs(s.random_init, s.random_num_layers, s.dtype)
+    param = lambda kind: dtypes[kind].get("param_dtype", jnp.float32)  # the modules' default: fp32
+    return dit_cfg, param("dit"), vae_config, param("vae")
   dit_cfg, param_dtype = _dit_config_for_sampling(s)
   vae_dir = s.vae_checkpoint
   if vae_dir and os.path.isfile(os.path.join(vae_dir, checkpoint_lib.CONFIG_FILE)):
