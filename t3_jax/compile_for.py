@@ -207,12 +207,31 @@ def _is_refusal(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
 
 
+def layer_loop_trips(model, grid) -> float:
+  """How many times the DiT's layers run for each one the compiler's cost analysis counts.
+
+  The DiT scans over cycles of its per-layer schedule (dit.WanDiT._run_blocks): one cycle of
+  `period` layers is the scan's body, the remainder layers are unrolled. XLA's cost analysis
+  counts a loop's body once, whatever its trip count, so it sees period + remainder layers.
+  """
+  from t3_jax.core import schedule as schedule_lib
+
+  per_layer = model.layer_schedule(grid)
+  period = len(schedule_lib.cycle(per_layer))
+  cycles, remainder = divmod(len(per_layer), period)
+  return len(per_layer) / (period + remainder) if cycles else 1.0
+
+
 def compile_program(name: str, lower, tpu_slice: TPUSlice, *, flops_per_chip: float, steps_per_program: int = 1,
-                    kernel: str = "", resident_bytes: int = 0, mesh: dict | None = None) -> dict:
+                    loop_trips: float = 1.0, kernel: str = "", resident_bytes: int = 0,
+                    mesh: dict | None = None) -> dict:
   """Compiles `lower()` (a jax Lowered) for the slice and reports it (see the module doc).
 
-  steps_per_program: steps the program runs, when the compiler's estimate covers one loop
-  body (XLA's cost analysis counts a loop's body once, whatever its trip count).
+  steps_per_program: steps the program runs (the sampling loop runs all of them; its body,
+  one step, is what the compiler's estimate covers).
+  loop_trips: the compiler counts every loop body once; its time and FLOPs are scaled by
+  this (microbatches x `layer_loop_trips`) to give one step. Loops inside a layer (chunks
+  of tokens or windows) are not scaled: compare compiler_flops_per_step with the model's.
   resident_bytes: per-chip bytes an earlier stage keeps allocated while this one runs.
   """
   report = {"program": name, "mesh": mesh or {}, "attention_kernel": kernel,
@@ -243,10 +262,15 @@ def compile_program(name: str, lower, tpu_slice: TPUSlice, *, flops_per_chip: fl
       peak_bytes=peak, fits=used <= tpu_slice.hbm_bytes, headroom_bytes=tpu_slice.hbm_bytes - used,
       compiler_flops=float(cost["flops"]) if "flops" in cost else None,
       compiler_bytes_accessed=float(cost["bytes accessed"]) if "bytes accessed" in cost else None,
-      estimated_seconds_per_step=(float(estimate) if estimate is not None else None),
-      steps_per_program=int(steps_per_program),
-      # An upper bound: the estimate leaves out the time inside Mosaic kernels.
-      model_flops_per_s_per_chip=(float(flops_per_chip) / estimate if estimate and flops_per_chip else None),
+      compiler_optimal_seconds=float(estimate) if estimate is not None else None,
+      loop_trips=float(loop_trips),
+      compiler_flops_per_step=float(cost["flops"]) * loop_trips if "flops" in cost else None,
+      estimated_seconds_per_step=(float(estimate) * loop_trips if estimate is not None else None),
+      steps_per_program=int(steps_per_program))
+  seconds = report["estimated_seconds_per_step"]
+  # An upper bound: the estimate leaves out the time inside Mosaic kernels.
+  report.update(
+      model_flops_per_s_per_chip=(float(flops_per_chip) / seconds if seconds and flops_per_chip else None),
       mosaic_kernels=count_mosaic_kernels(compiled.as_text()))
   return report
 
@@ -374,6 +398,7 @@ def compile_train(config, slice_name: str) -> dict:
   kernel = _resolve_kernel(config.model.get("implementation", None), jnp.dtype(config.model.dtype),
                            dit_cfg.dim // dit_cfg.num_heads, mesh)
   program = trainer.train_program(config, mesh)
+  grid = program.model.token_grid((1, *program.latent_shape))
   check_host_rows(program.batch_sharding["latents"], program.global_batch, tpu_slice.hosts)
   report = _slice_report("train", tpu_slice)
   report.update(mesh=_mesh_dict(mesh), variant=config.get("variant"), global_batch=program.global_batch,
@@ -381,7 +406,8 @@ def compile_train(config, slice_name: str) -> dict:
                 flops_convention="model FLOPs: 3 x forward (backward = 2 x forward; rematerialisation not counted)")
   report["programs"] = [compile_program(
       "train step", program.lower, tpu_slice, flops_per_chip=program.flops_per_step / tpu_slice.chips,
-      kernel=kernel, mesh=_mesh_dict(mesh))]
+      loop_trips=int(config.microbatches) * layer_loop_trips(program.model, grid), kernel=kernel,
+      mesh=_mesh_dict(mesh))]
   return _finish(report)
 
 
@@ -514,8 +540,8 @@ def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
       f"denoise loop ({s.steps} {s.sampler} steps)",
       lambda: pipeline._denoise_jit.lower(*args, sampler=s.sampler, num_steps=int(s.steps), shift=float(s.shift),
                                           progress=bool(s.progress)),
-      tpu_slice, flops_per_chip=step_flops / mesh.size, steps_per_program=int(s.steps), kernel=kernel,
-      mesh=_mesh_dict(mesh))]
+      tpu_slice, flops_per_chip=step_flops / mesh.size, steps_per_program=int(s.steps),
+      loop_trips=layer_loop_trips(dit, grid), kernel=kernel, mesh=_mesh_dict(mesh))]
 
   report["dit_parameter_bytes_per_chip"] = int(dit_bytes)
   report["programs"] = programs

@@ -181,3 +181,21 @@ def test_sampling_architecture_without_weights(variant, preset, family, latent):
     s.dit_checkpoint = "/nonexistent/my-dit"
   with pytest.raises(ValueError, match="architecture"):
     compile_for._sampling_models(s)
+
+
+def test_layer_loop_trips():
+  """The compiler counts the DiT's scanned cycle of layers once: the estimate is scaled back."""
+  import dataclasses
+
+  from flax import nnx
+
+  from t3_jax.models import dit as dit_lib
+
+  def trips(num_layers):
+    cfg = dataclasses.replace(dit_lib.DiTConfig.preset("wan2.1-t2v-1.3b"), num_layers=num_layers)
+    model = nnx.eval_shape(lambda: dit_lib.WanDiT(cfg, rngs=nnx.Rngs(0)))
+    return compile_for.layer_loop_trips(model, (21, 136, 240))
+
+  assert trips(30) == 6.0           # the published 4K schedule: a period of 5 layers, 6 cycles
+  assert trips(7) == 1.0            # one cycle and 2 unrolled layers: all 7 counted
+  assert trips(12) == 12 / 7        # 2 cycles of 5 (one counted) and 2 unrolled
