@@ -389,6 +389,7 @@ def compile_train(config, slice_name: str) -> dict:
   host_is_cpu()
   import jax.numpy as jnp
 
+  from t3_jax.parallel import mesh as mesh_lib
   from t3_jax.training import trainer
 
   devices = slice_devices(tpu_slice)
@@ -399,14 +400,17 @@ def compile_train(config, slice_name: str) -> dict:
                            dit_cfg.dim // dit_cfg.num_heads, mesh)
   program = trainer.train_program(config, mesh)
   grid = program.model.token_grid((1, *program.latent_shape))
+  # As train_program: microbatches 0 is one example per batch shard per forward.
+  microbatches = int(config.microbatches) or max(1, program.global_batch // mesh_lib.axis_size(mesh, "batch"))
   check_host_rows(program.batch_sharding["latents"], program.global_batch, tpu_slice.hosts)
   report = _slice_report("train", tpu_slice)
   report.update(mesh=_mesh_dict(mesh), variant=config.get("variant"), global_batch=program.global_batch,
+                microbatches=microbatches,
                 latent_shape=list(program.latent_shape),
                 flops_convention="model FLOPs: 3 x forward (backward = 2 x forward; rematerialisation not counted)")
   report["programs"] = [compile_program(
       "train step", program.lower, tpu_slice, flops_per_chip=program.flops_per_step / tpu_slice.chips,
-      loop_trips=int(config.microbatches) * layer_loop_trips(program.model, grid), kernel=kernel,
+      loop_trips=microbatches * layer_loop_trips(program.model, grid), kernel=kernel,
       mesh=_mesh_dict(mesh))]
   return _finish(report)
 
@@ -442,7 +446,7 @@ def _dit_config_for_sampling(s):
                    "(only its config.json is read) or at a path naming the size")
 
 
-def _sampling_models(s):
+def _sampling_models(s, m):
   """(dit_cfg, param_dtype, vae_config, vae_param_dtype) as sample.py's pipeline builds them."""
   import jax.numpy as jnp
 
@@ -451,7 +455,7 @@ def _sampling_models(s):
   from t3_jax.weights import checkpoint as checkpoint_lib
 
   if s.random_init:  # as T3Pipeline.random builds them
-    dit_cfg, vae_config, _, dtypes = pipeline.random_configs(s.random_init, s.random_num_layers, s.dtype)
+    dit_cfg, vae_config, _, dtypes = pipeline.random_configs(s.random_init, s.random_num_layers, m.dtype)
     param = lambda kind: dtypes[kind].get("param_dtype", jnp.float32)  # the modules' default: fp32
     return dit_cfg, param("dit"), vae_config, param("vae")
   dit_cfg, param_dtype = _dit_config_for_sampling(s)
@@ -478,8 +482,9 @@ def _video_shape(s, dit_cfg, vae_config):
   return latent, (s.frames, h, w)
 
 
-def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
-  """The report of what `python sample.py` runs on one host of `slice_name`: the jitted
+def compile_sample(s, m, slice_name: str, vae: bool = True) -> dict:
+  """The report of what `python sample.py` runs on one host of `slice_name` (s: config.sample,
+  m: config.model, whose attention, schedule, kernel and dtype the DiT takes): the jitted
   denoising loop (guided batch) and the VAE decode. Hosts sample their own prompts, so the
   DiT's mesh (sample.sequence x guidance) lies within one host's chips. vae=False leaves the
   VAE out (its compile takes minutes on a small CPU)."""
@@ -498,7 +503,7 @@ def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
   from t3_jax.parallel import layout as layout_lib
   from t3_jax.parallel import mesh as mesh_lib
 
-  dit_cfg, param_dtype, vae_config, vae_param_dtype = _sampling_models(s)
+  dit_cfg, param_dtype, vae_config, vae_param_dtype = _sampling_models(s, m)
   latent, generated = _video_shape(s, dit_cfg, vae_config)
   devices = slice_devices(tpu_slice)
   local = host_devices(devices, devices[0].process_index)
@@ -507,13 +512,13 @@ def compile_sample(s, slice_name: str, vae: bool = True) -> dict:
   except NotImplementedError as e:
     raise ValueError(f"sample.sequence {s.sequence} x guidance can't be laid out on one {tpu_slice.name} host's "
                      f"chips ({' '.join(str(e).split())[:160]}): choose 1, 2 or 4 devices") from None
-  dtype = pipeline.as_dtype(s.dtype)
-  kernel = _resolve_kernel(s.implementation, dtype, dit_cfg.dim // dit_cfg.num_heads, mesh)
+  dtype = pipeline.as_dtype(m.dtype)
+  kernel = _resolve_kernel(m.get("implementation", None), dtype, dit_cfg.dim // dit_cfg.num_heads, mesh)
   # As T3Pipeline builds it (Layout(mesh)); with one chip the mesh is that chip, so the kernel
   # is chosen for it, not for this host.
   dit = nnx.eval_shape(lambda: dit_lib.WanDiT(
-      dit_cfg, attention=s.attention, schedule=s.schedule, dtype=dtype, param_dtype=param_dtype,
-      implementation=s.implementation, layout=layout_lib.Layout(mesh), rngs=nnx.Rngs(0)))
+      dit_cfg, attention=m.attention, schedule=m.get("schedule", None), dtype=dtype, param_dtype=param_dtype,
+      implementation=m.get("implementation", None), layout=layout_lib.Layout(mesh), rngs=nnx.Rngs(0)))
   guided = s.guidance != 1
   grid = dit.token_grid((1, *latent))
   tokens = math.prod(grid)
@@ -589,13 +594,15 @@ SAMPLE_FIXES = ("more chips on --config.sample.sequence (and --config.sample.gui
 # ----------------------------------------------------------------------------- the commands
 
 
-def run(command: str, config, slice_name: str, directory: str, variant: str | None = None, vae: bool = True) -> int:
+def run(command: str, config, slice_name: str, directory: str, variant: str | None = None, vae: bool = True,
+        model=None) -> int:
   """Compiles, prints the table, writes compile_report.json in `directory`; returns the exit
   status (0 fits, 3 does not fit: one `error:` line naming the fixes). Bad input raises
-  ValueError (the caller prints it as one line, status 2)."""
+  ValueError (the caller prints it as one line, status 2). config: the training config, or for
+  sample.py config.sample with `model` its config.model."""
   from t3_jax import cli
 
-  report = compile_train(config, slice_name) if command == "train" else compile_sample(config, slice_name, vae)
+  report = compile_train(config, slice_name) if command == "train" else compile_sample(config, model, slice_name, vae)
   report["variant"] = config.get("variant") if command == "train" else variant
   print(format_table(report), flush=True)
   path = write_report(report, directory)

@@ -171,16 +171,17 @@ def test_sampling_architecture_without_weights(variant, preset, family, latent):
   spec = importlib.util.spec_from_file_location("t3_wan_config", os.path.join(ROOT, "configs", "t3_wan.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  s = module.get_config(variant).sample
+  config = module.get_config(variant)
+  s = config.sample
   assert not os.path.exists(os.path.join(ROOT, s.dit_checkpoint, "config.json"))
-  dit_cfg, param_dtype, vae_config, _ = compile_for._sampling_models(s)
+  dit_cfg, param_dtype, vae_config, _ = compile_for._sampling_models(s, config.model)
   assert dit_cfg == dit_lib.DiTConfig.preset(preset) and vae_config.z_dim == dit_cfg.in_channels
   assert jnp.dtype(param_dtype) == jnp.bfloat16  # what convert_torch_weights.py stores by default
   assert compile_for._video_shape(s, dit_cfg, vae_config)[0] == latent
   with s.unlocked():
     s.dit_checkpoint = "/nonexistent/my-dit"
   with pytest.raises(ValueError, match="architecture"):
-    compile_for._sampling_models(s)
+    compile_for._sampling_models(s, config.model)
 
 
 def test_layer_loop_trips():
