@@ -18,6 +18,10 @@ attention, schedule, kernel and dtype are config.model's (--config.model.attenti
 --prompt --prompts_file --output_dir --seed --steps --guidance --height --width --frames --fps
 --save_latents set the config.sample field of the same name and win over --config.sample.*.
 
+--compile_for=SLICE (a Cloud TPU slice: v5p-8, v6e-4, ...) compiles what one host of that
+slice would run (the denoising loop, the VAE decode) on this machine, with no TPU and no
+weights, and writes OUTPUT_DIR/compile_report.json (per-chip memory, fit; docs/TPU.md).
+
 Checkpoints come from `python convert_torch_weights.py SOURCE DIR --kind dit|vae|umt5`; the
 tokenizer is the google/umt5-xxl/ folder of a Wan release (config.sample.tokenizer_dir).
 
@@ -62,6 +66,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("fps", None, "mp4 frame rate (config.sample.fps)")
   flags.DEFINE_bool("save_latents", None, "also save the latents as .npy (config.sample.save_latents)")
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() and split the prompts over processes")
+  flags.DEFINE_string("compile_for", None, "instead of sampling: compile the denoising loop and the VAE decode for "
+                      "this Cloud TPU slice (v5p-8, v6e-4, ...) here; report in OUTPUT_DIR/compile_report.json")
+  flags.DEFINE_bool("compile_vae", True, "with --compile_for: also compile the VAE decode (minutes on a small CPU)")
 
 
 FLAGS = flags.FLAGS
@@ -287,6 +294,12 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     s = sample_config()
+    if FLAGS.compile_for:  # no TPU, no weights: the TPU compiler's verdict (docs/TPU.md)
+      from t3_jax import compile_for
+      validate(s, FLAGS.config.model)
+      check_writable(s.output_dir)
+      raise SystemExit(compile_for.run("sample", s, FLAGS.compile_for, s.output_dir, FLAGS.config.get("variant"),
+                                       vae=FLAGS.compile_vae, model=FLAGS.config.model))
     run(s, FLAGS.config.model)
   except USER_ERRORS as e:
     if os.environ.get("T3_TRACEBACK"):

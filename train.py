@@ -15,6 +15,9 @@ Multi-host: pass --distributed on every host (jax.distributed.initialize(): clus
 auto-detection, or --coordinator_address/--num_processes/--process_id, or the
 JAX_COORDINATOR_ADDRESS environment variable).
 
+Before renting a TPU slice: --compile_for=v5p-16 compiles the exact step for that slice
+here and writes WORKDIR/compile_report.json (per-chip memory, fit, compiler time estimate).
+
 After training: --export=DIR writes a full fine-tune's DiT as a plain checkpoint;
 LoRA adapters merge with `python -m t3_jax.training.lora merge --ckpt BASE --lora WORKDIR --output DIR`.
 
@@ -43,6 +46,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with -
 flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
 flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)")
 flags.DEFINE_string("export", None, "instead of training: save the workdir's trained DiT to this directory")
+flags.DEFINE_string("compile_for", None, "instead of training: compile the train step for this Cloud TPU slice "
+                    "(v5p-16, v6e-32, ...) on this machine and report its per-chip memory (docs/TPU.md)")
 FLAGS = flags.FLAGS
 
 
@@ -70,6 +75,9 @@ def main(argv):
       return
     config = FLAGS.config
     trainer.validate(config)  # before any device, file or model is touched
+    if FLAGS.compile_for:  # no TPU, no weights, no data: the TPU compiler's verdict on the step
+      from t3_jax import compile_for
+      raise SystemExit(compile_for.run("train", config, FLAGS.compile_for, workdir_path))
   except cli.USER_ERRORS as e:
     cli.fail(e)
 
