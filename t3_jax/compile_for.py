@@ -357,24 +357,11 @@ def slice_mesh(tpu_slice: TPUSlice, devices, *sizes):
                      "mesh sizes that are products of the topology's axis sizes") from None
 
 
-def check_host_rows(batch_sharding, global_batch: int, hosts: int) -> None:
-  """What each host's data loader reads (rows [p*b, (p+1)*b) of the global batch on host p)
-  must be what the mesh puts on that host's chips, as `Trainer` checks on a real slice."""
-  if global_batch % hosts:
-    raise ValueError(f"batch_size {global_batch} must split over the slice's {hosts} hosts: choose a multiple of {hosts}")
-  if hosts == 1:
-    return
-  b = global_batch // hosts
-  rows: dict[int, set] = {}
-  for device, index in batch_sharding.devices_indices_map((global_batch,)).items():
-    s = index[0]
-    rows.setdefault(device.process_index, set()).update(range(s.start or 0, global_batch if s.stop is None else s.stop))
-  for host, held in sorted(rows.items()):
-    if held != set(range(host * b, (host + 1) * b)):
-      raise ValueError(f"on {hosts} hosts, host {host}'s chips hold {len(held)} batch rows "
-                       f"({_rows(held)}) but its loader reads rows {host * b}..{(host + 1) * b - 1}: the batch "
-                       "must split over the hosts (data x fsdp a multiple of the host count, laid out host by "
-                       "host), e.g. --config.mesh.data=<hosts>")
+def host_rows(batch_sharding, global_batch: int) -> dict[str, str]:
+  """The batch rows each host's loader reads: those the mesh puts on its chips (a sequence axis
+  across hosts has several hosts read the same rows), as `Trainer` reads them on the slice."""
+  from t3_jax.parallel import mesh as mesh_lib
+  return {str(host): _rows(rows) for host, rows in mesh_lib.batch_rows(batch_sharding, global_batch).items()}
 
 
 def _rows(rows) -> str:
@@ -402,9 +389,9 @@ def compile_train(config, slice_name: str) -> dict:
   grid = program.model.token_grid((1, *program.latent_shape))
   # As train_program: microbatches 0 is one example per batch shard per forward.
   microbatches = int(config.microbatches) or max(1, program.global_batch // mesh_lib.axis_size(mesh, "batch"))
-  check_host_rows(program.batch_sharding["latents"], program.global_batch, tpu_slice.hosts)
   report = _slice_report("train", tpu_slice)
   report.update(mesh=_mesh_dict(mesh), variant=config.get("variant"), global_batch=program.global_batch,
+                rows_per_host=host_rows(program.batch_sharding["latents"], program.global_batch),
                 microbatches=microbatches,
                 latent_shape=list(program.latent_shape),
                 flops_convention="model FLOPs: 3 x forward (backward = 2 x forward; rematerialisation not counted)")

@@ -192,6 +192,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_rows(sharding: NamedSharding, global_batch: int) -> dict[int, tuple[int, ...]]:
+  """The rows of a global batch (sharded on its leading axis) that each process's devices hold:
+  what each process's data loader reads. Rows replicated over processes (a sequence axis
+  across hosts) are read by every process that holds them."""
+  rows: dict[int, set] = {}
+  for device, index in sharding.devices_indices_map((global_batch,)).items():
+    rows.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+  return {process: tuple(sorted(r)) for process, r in sorted(rows.items())}
+
+
 def batch_shardings(batch, mesh: Mesh):
   """Every batch array split over "batch" on its leading axis, the rest replicated."""
   return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(mesh, ["batch"] + [None] * (np.ndim(x) - 1))), batch)

@@ -354,7 +354,10 @@ class _GrainLoader:
   """Infinite iterator over this process's numpy batches: a grain pipeline indexed by global step.
 
   Global step s is a batch of G = `batch_size_per_process * process_count` example ids; this
-  process reads rows [process_index * b, (process_index + 1) * b) of it. The ids are a pure
+  process reads rows [process_index * b, (process_index + 1) * b) of it, or the given `rows` of
+  a global batch of `global_batch_size` (the rows the mesh puts on this process's devices,
+  `t3_jax.parallel.mesh.batch_rows`: a sequence axis across hosts has every host read the same
+  rows). The ids are a pure
   function of (seed, s), so a resume is exact, even on another number of processes with the same
   global batch. grain's threads read `prefetch` batches ahead; the iterator's grain state (its
   next step) is what `get_state` returns for the checkpoint. Subclasses give `_global_ids()`
@@ -362,7 +365,8 @@ class _GrainLoader:
   """
 
   def __init__(self, batch_size_per_process: int, seed: int, process_index: int | None,
-               process_count: int | None, prefetch: int):
+               process_count: int | None, prefetch: int, rows: Sequence[int] | None = None,
+               global_batch_size: int | None = None):
     import grain
 
     if batch_size_per_process < 1:
@@ -373,7 +377,14 @@ class _GrainLoader:
     self.seed = int(seed)
     self.process_index, self.process_count = _default_process(process_index, process_count)
     self.global_batch_size = batch_size_per_process * self.process_count
-    rows = slice(self.process_index * batch_size_per_process, (self.process_index + 1) * batch_size_per_process)
+    if rows is None:
+      rows = slice(self.process_index * batch_size_per_process, (self.process_index + 1) * batch_size_per_process)
+    else:
+      rows = np.asarray(rows, np.int64)
+      self.global_batch_size = int(global_batch_size)
+      if len(rows) != batch_size_per_process or not (0 <= rows.min() and rows.max() < self.global_batch_size):
+        raise ValueError(f"rows {rows.tolist()[:6]}... must be {batch_size_per_process} rows of a global batch of "
+                         f"{self.global_batch_size}")
     # Ids are cheap: the global batch is sliced before anything is read.
     self.dataset = self._global_ids().map(lambda ids: ids[rows]).map(self._load)
     options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(0, prefetch))
@@ -446,7 +457,8 @@ class LatentLoader(_GrainLoader):
 
   def __init__(self, path: str | os.PathLike, batch_size_per_process: int, seed: int = 0,
                process_index: int | None = None, process_count: int | None = None, *,
-               text_len: int = TEXT_LEN, dtype: Any = np.float32, prefetch: int = 2):
+               text_len: int = TEXT_LEN, dtype: Any = np.float32, prefetch: int = 2,
+               rows: Sequence[int] | None = None, global_batch_size: int | None = None):
     tfds = _tfds()
     path = pathlib.Path(path)
     if not (path / "dataset_info.json").is_file():
@@ -465,7 +477,7 @@ class LatentLoader(_GrainLoader):
       raise ValueError(f"{path} holds {self.num_examples} examples, fewer than one global batch of "
                        f"{global_batch} ({batch_size_per_process} per process): lower the batch size or "
                        "prepare more data.")
-    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch)
+    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch, rows, global_batch_size)
 
   def _global_ids(self):
     import grain
@@ -510,12 +522,12 @@ class SyntheticLoader(_GrainLoader):
   def __init__(self, latent_shape: Sequence[int], batch_size_per_process: int, seed: int = 0,
                process_index: int | None = None, process_count: int | None = None, *,
                text_len: int = TEXT_LEN, text_dim: int = 4096, dtype: Any = np.float32,
-               prefetch: int = 2):
+               prefetch: int = 2, rows: Sequence[int] | None = None, global_batch_size: int | None = None):
     self.latent_shape, self.text_len, self.text_dim = tuple(latent_shape), text_len, text_dim
     self.dtype = np.dtype(dtype)
     self.steps_per_epoch = None  # endless
     self.metadata = {"synthetic": True}
-    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch)
+    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch, rows, global_batch_size)
 
   def _global_ids(self):
     import grain

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from t3_jax.core import schedule as schedule_lib
 from t3_jax.diffusion import flow
@@ -223,24 +223,23 @@ def state_shardings(abstract_state, mesh: Mesh, tx=None, logical=None):
   return out
 
 
-def _global_batch(local: dict, shardings: dict) -> dict:
-  """Process-local numpy batches -> global arrays on the mesh."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in shardings}
+def _global_batch(local: dict, shardings: dict, rows=None, global_batch: int | None = None) -> dict:
+  """This process's numpy batch -> global arrays on the mesh, each device given the rows it holds.
 
+  local: arrays [len(rows), ...], rows `rows` of a global batch of `global_batch` (default:
+  all rows of a batch of their length, one process)."""
+  count = len(next(iter(local.values())))
+  rows = tuple(range(count)) if rows is None else tuple(rows)
+  global_batch = global_batch or count
+  position = {r: i for i, r in enumerate(rows)}
 
-def _check_process_rows(batch_sharding: NamedSharding, global_batch: int):
-  """The loader gives process p rows [p*b, (p+1)*b); the mesh must want the same rows."""
-  if jax.process_count() == 1:
-    return
-  b = global_batch // jax.process_count()
-  rows = set()
-  for index in batch_sharding.addressable_devices_indices_map((global_batch,)).values():
-    s = index[0]
-    rows.update(range(s.start or 0, global_batch if s.stop is None else s.stop))
-  want = set(range(jax.process_index() * b, (jax.process_index() + 1) * b))
-  if rows != want:
-    raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)[:4]}... but its loader reads "
-                     f"rows {sorted(want)[:4]}...: put the data/fsdp mesh axes across hosts (sequence within a host)")
+  def global_array(x, sharding):
+    def pick(index):  # the rows (and the rest of the index) one device holds
+      picked = x[[position[r] for r in range(*index[0].indices(global_batch))]]
+      return picked[(slice(None), *index[1:])]
+    return jax.make_array_from_callback((global_batch, *x.shape[1:]), sharding, pick)
+
+  return {k: global_array(local[k], shardings[k]) for k in shardings}
 
 
 # ------------------------------------------------------------------------- the step
@@ -463,7 +462,8 @@ class Trainer:
     self.frozen_sharding, self.batch_sharding = program.frozen_sharding, program.batch_sharding
     self.global_batch, self.flops_per_step = program.global_batch, program.flops_per_step
     self.train_step = program.step
-    _check_process_rows(self.batch_sharding["latents"], self.global_batch)
+    # The rows of every global batch this process's devices hold (all of them on one host).
+    self.rows = mesh_lib.batch_rows(self.batch_sharding["latents"], self.global_batch)[jax.process_index()]
     self.loader = loader if loader is not None else self._make_loader()
 
   # -- setup
@@ -471,16 +471,16 @@ class Trainer:
   def _make_loader(self):
     from t3_jax.training import data as data_lib
     d = self.config.data
-    per_process = self.global_batch // jax.process_count()
     prefetch = int(d.get("prefetch", 2))
+    rows = dict(rows=self.rows, global_batch_size=self.global_batch)
     if d.kind == "synthetic":
-      return data_lib.SyntheticLoader(self.latent_shape, per_process, seed=self.config.seed,
-                                      text_len=d.text_len, text_dim=self.dit_cfg.text_dim, prefetch=prefetch)
+      return data_lib.SyntheticLoader(self.latent_shape, len(self.rows), seed=self.config.seed,
+                                      text_len=d.text_len, text_dim=self.dit_cfg.text_dim, prefetch=prefetch, **rows)
     if not d.path:
       raise ValueError("config.data.path is empty: prepare a dataset with `python -m t3_jax.training.data prepare ...` "
                        "and pass --config.data.path=DIR (or --config.data.kind=synthetic for a smoke test)")
-    loader = data_lib.LatentLoader(d.path, per_process, seed=self.config.seed, text_len=d.text_len,
-                                   prefetch=prefetch)
+    loader = data_lib.LatentLoader(d.path, len(self.rows), seed=self.config.seed, text_len=d.text_len,
+                                   prefetch=prefetch, **rows)
     if tuple(loader.latent_shape) != tuple(self.latent_shape):
       loader.close()
       raise ValueError(f"{d.path} holds latents {loader.latent_shape}, the config's video makes {self.latent_shape}: "
@@ -594,7 +594,7 @@ class Trainer:
         last, last_step = time.perf_counter(), start  # the previous log record
         for step in range(start, total):
           local = next(self.loader)
-          batch = _global_batch(local, self.batch_sharding)
+          batch = _global_batch(local, self.batch_sharding, self.rows, self.global_batch)
           state, metrics = self.train_step(state, frozen, batch)
           done = step + 1
           record = None
