@@ -6,7 +6,7 @@ For each device count N the mesh is (data 1, fsdp N/S, sequence S) with S = --se
 (default 8), one example per sequence group (global batch N/S), and XLA's per-device
 estimate is recorded: arguments (params + optimizer state + batch), outputs, temporaries.
 
-Caveats (JAX_NOTES.md): the CPU backend computes bf16 dots in f32, which inflates
+Caveats (docs/T3.md section 7): the CPU backend computes bf16 dots in f32, which inflates
 temporaries; its attention is the XLA kernel, which materialises logits per chunk of
 windows (cuDNN / splash attention don't), so by default the window kernel is replaced
 by a stand-in with flash attention's footprint (--attention=stand_in: keeps q, k, v,

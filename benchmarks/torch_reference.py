@@ -2,7 +2,7 @@
 """PyTorch reference of the T3 forward: diffusers' WanTransformer3DModel, T3 self-attention.
 
 The GPU benchmark (benchmarks/dit_forward.py --ref DIR) checks our JAX WanDiT against
-this and times both. Only the self-attention *pattern* changes (T3_REFERENCE.md s.1):
+this and times both. Only the self-attention *pattern* changes (docs/T3.md section 1):
 every block's `attn1` gets a `T3WanAttnProcessor` that knows its layer's block counts
 (n_t, n_h, n_w) and the token grid, and computes
 

@@ -1,4 +1,4 @@
-"""T3 core against a plain NumPy reference written from the semantics (T3_REFERENCE.md s.1).
+"""T3 core against a plain NumPy reference written from the semantics (docs/T3.md section 1).
 
 The reference never builds windows by reshaping: it gives every token its window id
 (close: coordinate // w per axis; remote: coordinate % n per axis, i.e. i = b*n + a)

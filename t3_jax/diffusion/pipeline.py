@@ -5,7 +5,7 @@
   out.frames        # uint8 [frames, height, width, 3]
   out.stats         # seconds per stage (text, compile, denoise, decode) and peak memory
 
-What it does, as the T3-Video release does it (T3_REFERENCE.md section 4):
+What it does, as the T3-Video release does it (docs/T3.md section 4):
   1. text: umT5 encodes the prompt and the negative prompt (Wan's standard Chinese one by
      default), each padded to 512 tokens, padding zeroed.
   2. denoise: noise x_T ~ N(0, I) of the latent shape [1, z, 1 + (F-1)/4, H/s, W/s] from an
