@@ -232,3 +232,22 @@ def test_ffn_over_token_chunks_equals_whole():
   fn = lambda h: jnp.tanh(h @ jnp.arange(64.0).reshape(8, 8) / 64)
   np.testing.assert_allclose(attention.over_token_chunks(fn, x, max_tokens=16), fn(x), rtol=1e-6, atol=1e-6)
   assert attention.over_token_chunks(fn, x, max_tokens=1000).shape == x.shape
+
+
+def test_chunked_blocks_equal_unchunked(monkeypatch):
+  """Layout(chunk_blocks=True) (the TPU default) runs each block's token-wise work over chunks
+  of tokens: the same numbers as the whole-sequence block, forward and gradient."""
+  from t3_jax.parallel.layout import Layout
+
+  monkeypatch.setattr(dit, "FFN_CHUNK_TOKENS", 16)  # 96 tokens: 6 chunks
+  config = dit.PRESETS["tiny-wan2.1"]
+  whole = random_model(config, attention="t3", schedule=[(1, 2, 2), (3, 1, 1)], dtype=jnp.float32,
+                       layout=Layout(chunk_blocks=False))
+  chunked = random_model(config, attention="t3", schedule=[(1, 2, 2), (3, 1, 1)], dtype=jnp.float32,
+                         layout=Layout(chunk_blocks=True))
+  latents = jax.random.normal(jax.random.key(0), (2, 16, 3, 8, 16))
+  t, context = jnp.array([321.0, 5.0]), jax.random.normal(jax.random.key(1), (2, 7, 32))
+  np.testing.assert_allclose(chunked(latents, t, context), whole(latents, t, context), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda x: jnp.sum(jnp.sin(m(x, t, context)))
+  np.testing.assert_allclose(jax.grad(loss(chunked))(latents), jax.grad(loss(whole))(latents), rtol=1e-4, atol=1e-5)
+  assert Layout().chunk_blocks is False  # CPU default: only the FFN is chunked

@@ -89,22 +89,33 @@ def choose_implementation(implementation: str | None, dtype, head_dim: int, targ
 XLA_MAX_LOGITS = 1 << 27
 
 
-def over_token_chunks(fn, x, max_tokens: int):
+def chunk_count(n: int, max_tokens: int) -> int:
+  """The fewest chunks of at most max_tokens that divide n tokens evenly."""
+  chunks = -(-n // max_tokens)
+  while n % chunks:
+    chunks += 1
+  return chunks
+
+
+def over_token_chunks(fn, x, max_tokens: int, tables=()):
   """fn applied token-wise over [B, N, ...] in sequential chunks of at most max_tokens.
 
-  Each chunk is rematerialised (jax.checkpoint) when differentiated: the backward pass
-  recomputes one chunk's intermediates at a time instead of keeping all of them, which
-  would undo the chunking's memory saving in training. Without gradients it changes nothing.
+  x: one array or a tuple of them, all [B, N, ...]; tables: arrays [N, ...] without a batch
+  axis (e.g. RoPE), chunked alike; fn(*x_chunks, *table_chunks) may return any pytree of
+  [B, n, ...] arrays. Each chunk is rematerialised (jax.checkpoint) when differentiated: the
+  backward pass recomputes one chunk's intermediates at a time instead of keeping all of them,
+  which would undo the chunking's memory saving in training. Without gradients it changes nothing.
   """
-  batch, n = x.shape[:2]
-  chunks = -(-n // max_tokens)
-  while n % chunks:  # a chunk count that divides the tokens
-    chunks += 1
+  xs = x if isinstance(x, tuple) else (x,)
+  batch, n = xs[0].shape[:2]
+  chunks = chunk_count(n, max_tokens)
   if chunks == 1:
-    return fn(x)
-  xs = jnp.moveaxis(x.reshape(batch, chunks, n // chunks, *x.shape[2:]), 1, 0)
-  out = jax.lax.map(jax.checkpoint(fn), xs)
-  return jnp.moveaxis(out, 0, 1).reshape(batch, n, *out.shape[3:])
+    return fn(*xs, *tables)
+  split = lambda a: jnp.moveaxis(a.reshape(batch, chunks, n // chunks, *a.shape[2:]), 1, 0)
+  split_table = lambda a: a.reshape(chunks, n // chunks, *a.shape[1:])
+  out = jax.lax.map(jax.checkpoint(lambda args: fn(*args[0], *args[1])),
+                    (tuple(map(split, xs)), tuple(map(split_table, tables))))
+  return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape(batch, n, *o.shape[3:]), out)
 
 
 def dense_attention(q, k, v, implementation: str | None, target: Target):

@@ -47,7 +47,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import logging
 import math
 import os
 import resource
@@ -62,12 +61,11 @@ from flax import nnx
 from t3_jax.weights import checkpoint as checkpoint_lib
 from t3_jax.models import dit as dit_lib
 from t3_jax.diffusion import flow
+from t3_jax.logs import log
 from t3_jax.parallel import mesh as mesh_lib
 from t3_jax.parallel.layout import Layout
 from t3_jax.models import umt5 as umt5_lib
 from t3_jax.models import vae as vae_lib
-
-log = logging.getLogger(__name__)
 
 # Wan's standard negative prompt (Wan2.1 wan/configs/shared_config.py `sample_neg_prompt`;
 # the T3-Video release passes the same string in infer_multi_gpu.py).

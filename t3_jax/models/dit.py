@@ -221,29 +221,39 @@ class Attention(nnx.Module):
   def _heads(self, x):  # [B, N, dim] -> [B, N, heads, head_dim]
     return x.reshape(*x.shape[:2], self.num_heads, -1)
 
-  def self_attention(self, x, rope, grid, blocks, layout: Layout, implementation=None):
-    """T3 window self-attention. x: [batch, T*H*W, dim] -> [batch, T*H*W, dim]."""
+  def project_qkv(self, x, rope):
+    """q, k (RMSNorm, then RoPE at global positions: windows keep them) and v of the video
+    tokens. x: [batch, N, dim] -> three [batch, N, heads, head_dim] in the compute dtype."""
     q = self._heads(self.norm_q(self.q(x).astype(f32)))
     k = self._heads(self.norm_k(self.k(x).astype(f32)))
     v = self._heads(self.v(x))
-    # RoPE before windowing: windows keep their tokens' global positions.
-    q = apply_rope(q, rope).astype(self.dtype)
-    k = apply_rope(k, rope).astype(self.dtype)
-    out = layout.self_attention(q, k, v.astype(self.dtype), grid, blocks, implementation)
+    return apply_rope(q, rope).astype(self.dtype), apply_rope(k, rope).astype(self.dtype), v.astype(self.dtype)
+
+  def self_attention(self, x, rope, grid, blocks, layout: Layout, implementation=None):
+    """T3 window self-attention. x: [batch, T*H*W, dim] -> [batch, T*H*W, dim]."""
+    out = layout.self_attention(*self.project_qkv(x, rope), grid, blocks, implementation)
     return self.o(out.reshape(x.shape))
+
+  def project_text(self, context):
+    """k, v of the text. context: [batch, L, dim] -> two [batch, L, heads, head_dim]."""
+    k = self._heads(self.norm_k(self.k(context).astype(f32))).astype(self.dtype)
+    return k, self._heads(self.v(context)).astype(self.dtype)
+
+  def attend_text(self, x, text_kv, layout: Layout, implementation=None):
+    """Attention of the video tokens x [batch, N, dim] over the text's (k, v)."""
+    q = self._heads(self.norm_q(self.q(x).astype(f32))).astype(self.dtype)
+    return self.o(layout.cross_attention(q, *text_kv, implementation).reshape(x.shape))
 
   def cross_attention(self, x, context, layout: Layout, implementation=None):
     """Attention of the video tokens over the text. x: [batch, N, dim], context: [batch, L, dim]."""
-    q = self._heads(self.norm_q(self.q(x).astype(f32))).astype(self.dtype)
-    k = self._heads(self.norm_k(self.k(context).astype(f32))).astype(self.dtype)
-    v = self._heads(self.v(context)).astype(self.dtype)
-    return self.o(layout.cross_attention(q, k, v, implementation).reshape(x.shape))
+    return self.attend_text(x, self.project_text(context), layout, implementation)
 
 
 # The FFN's hidden activations ([tokens, ffn_dim], 12 GB at 4K for Wan2.1-1.3B in bf16,
 # twice over with the GELU) set the forward's peak memory; above this many tokens (per
 # device) the FFN runs over chunks of tokens, one after another (the same matmuls, a
-# fraction of the memory; Layout.token_chunks).
+# fraction of the memory; Layout.token_chunks), and with Layout.chunk_blocks the rest of
+# each block's token-wise work too.
 FFN_CHUNK_TOKENS = 1 << 17
 
 
@@ -290,6 +300,27 @@ class Block(nnx.Module):
     tokens = layout.tokens
     mod = self.modulation[...].astype(f32)[None] + e0                  # [B, G, 6, dim]
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, j, None] for j in range(6))
+
+    if layout.chunk_blocks and mod.shape[1] == 1:
+      # Everything but self-attention is token-wise: run it over chunks of tokens, so that its
+      # fp32 [tokens, dim] intermediates (norms, modulation, RoPE, gates) exist one chunk at a
+      # time. Same operations per token as below.
+      def before_attention(x, cos, sin):
+        h = _modulate(self.norm1, x, shift1, scale1).astype(self.dtype)
+        return self.self_attn.project_qkv(h, (cos, sin))
+
+      text_kv = self.cross_attn.project_text(context)
+
+      def after_attention(x, attended):
+        x = _gated_add(x, self.self_attn.o(attended.reshape(x.shape)), gate1)
+        h = self.norm3(x.astype(f32)).astype(self.dtype)
+        x = x + self.cross_attn.attend_text(h, text_kv, layout, implementation).astype(x.dtype)
+        h = _modulate(self.norm2, x, shift2, scale2).astype(self.dtype)
+        return _gated_add(x, self.ffn(h), gate2)
+
+      q, k, v = layout.token_chunks(before_attention, x, FFN_CHUNK_TOKENS, tables=rope)
+      attended = layout.self_attention(q, k, v, grid, blocks, implementation)
+      return tokens(layout.token_chunks(after_attention, (x, attended), FFN_CHUNK_TOKENS))
 
     h = tokens(_modulate(self.norm1, x, shift1, scale1)).astype(self.dtype)
     x = tokens(_gated_add(x, self.self_attn.self_attention(h, rope, grid, blocks, layout, implementation), gate1))
