@@ -27,6 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from t3_jax.models import vae as V  # noqa: E402
+from t3_jax.weights import engine  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -110,7 +111,7 @@ def main(argv=None):
         f"overlaps cost {flops / untiled:.2f}x)", flush=True)
 
   start = time.perf_counter()
-  vae = V.vae_from_params(cfg, V.random_params(cfg, seed=0), dtype=dtype, param_dtype=param_dtype)
+  vae = engine.random_init(lambda: V.WanVAE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), seed=0)
   print(f"random weights {time.perf_counter() - start:.1f} s")
   latents = jax.random.normal(jax.random.key(0), latent_shape, jnp.float32)
 

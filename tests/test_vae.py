@@ -20,6 +20,12 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 from diffusers.models.autoencoders import autoencoder_kl_wan as dwan  # noqa: E402
 
 from t3_jax.models import vae as V  # noqa: E402
+from t3_jax.weights import engine  # noqa: E402
+
+
+def convert(state_dict):
+  """Our nested params of a torch state dict, through the weights engine."""
+  return engine.convert_state_dict(V.WEIGHTS, state_dict)[0]
 
 TINY = ["tiny-wan2.1", "tiny-wan2.2"]
 TOL = 1e-5  # max |ours - reference| / max |reference|
@@ -49,8 +55,8 @@ def models(name: str):
       for p in torch_model.parameters():
         scale = p.std() if p.ndim > 1 else 0.1
         p.add_(torch.randn(p.shape, generator=g) * scale)
-    params = V.params_from_torch_state_dict(torch_model.state_dict())
-    _MODELS[name] = torch_model, V.vae_from_params(cfg, params)
+    params = convert(torch_model.state_dict())
+    _MODELS[name] = torch_model, engine.from_params(V.WEIGHTS, cfg, params)
   return _MODELS[name]
 
 
@@ -185,12 +191,13 @@ def test_wan_layout_round_trip(name):
   diffusers_sd = torch_model.state_dict()
   wan_sd = {diffusers_key_to_wan(k, cfg): v for k, v in diffusers_sd.items()}
   assert len(wan_sd) == len(diffusers_sd)
-  assert V.detect_layout(wan_sd) == "wan" and V.detect_layout(diffusers_sd) == "diffusers"
-  assert V.vae_config_from_shapes({k: v.shape for k, v in wan_sd.items()}) == cfg
-  assert_trees_equal(V.params_from_torch_state_dict(wan_sd), V.params_from_torch_state_dict(diffusers_sd))
+  assert engine.layout_score(V.WEIGHTS, wan_sd)[0] == "wan"
+  assert engine.layout_score(V.WEIGHTS, diffusers_sd)[0] == "diffusers"
+  assert engine.detect(V.WEIGHTS, {k: v.shape for k, v in wan_sd.items()}).config == cfg
+  assert_trees_equal(convert(wan_sd), convert(diffusers_sd))
   # DiffSynth wraps the original checkpoint as {"model.<key>": ...}; that loads the same.
   wrapped = {f"model.{k}": v for k, v in wan_sd.items()}
-  assert_trees_equal(V.params_from_torch_state_dict(wrapped), V.params_from_torch_state_dict(wan_sd))
+  assert_trees_equal(convert(wrapped), convert(wan_sd))
 
 
 @pytest.mark.parametrize("name", ["wan2.1", "wan2.2"])
@@ -203,16 +210,15 @@ def test_full_size_tables_and_config_detection(name):
   diffusers_shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
   wan_shapes = {diffusers_key_to_wan(k, cfg): s for k, s in diffusers_shapes.items()}
   expected = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: V.WanVAE(cfg)), nnx.Param))
+  leaves = {engine.path_name(path): leaf for path, leaf in engine.flatten(expected).items()}
   for layout, shapes in (("diffusers", diffusers_shapes), ("wan", wan_shapes)):
-    assert V.vae_config_from_shapes(shapes) == cfg
-    table = V.VAE_TORCH_TABLES[layout](cfg)
-    assert table.keys() == shapes.keys()
+    assert engine.detect(V.WEIGHTS, shapes).config == cfg
+    rules = V.torch_rules(cfg, layout)
+    assert len(rules) == len(shapes) and {key for key, _, _ in rules} == shapes.keys()
     covered = set()
-    for key, (path, transform) in table.items():
-      converted = V.TORCH_TRANSFORMS[transform](np.broadcast_to(np.float32(0), shapes[key]))
-      leaf = expected
-      for p in path:
-        leaf = leaf[p]
+    for key, path, transform in rules:
+      converted = engine.TRANSFORMS[transform](np.broadcast_to(np.float32(0), shapes[key]))
+      leaf = leaves[path]
       assert converted.shape == leaf.shape, key
       covered.add(path)
     assert len(covered) == len(nnx.traversals.flatten_mapping(expected))
@@ -310,7 +316,7 @@ def test_tiled_decode_vs_untiled():
   params = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
   for leaf in params["decoder"]["mid_block"]["attention"]["proj"].values():
     leaf[...] = 0
-  local = V.vae_from_params(vae.config, params)
+  local = engine.from_params(V.WEIGHTS, vae.config, params)
   s = vae.config.spatial_stride
   z = jnp.asarray(np.random.default_rng(4).standard_normal((1, vae.config.z_dim, 1, 54, 2)), jnp.float32)
 

@@ -59,6 +59,7 @@ import numpy as np
 from flax import nnx
 
 from t3_jax.weights import checkpoint as checkpoint_lib
+from t3_jax.weights import engine
 from t3_jax.models import dit as dit_lib
 from t3_jax.diffusion import flow
 from t3_jax.parallel import mesh as mesh_lib
@@ -273,40 +274,6 @@ def _vae_with_latent_stats(config: vae_lib.VAEConfig) -> vae_lib.VAEConfig:
                    "convert it again with convert_torch_weights.py --kind vae")
 
 
-def random_init(make, seed: int):
-  """The module `make()` builds, its parameters drawn on the host with NumPy (DEMO and tests).
-
-  The modules' own initialisers, run eagerly or jitted, compile for up to a minute on a CPU
-  (one XLA program per parameter shape); this takes milliseconds. Matrices and convolution
-  kernels: normal / sqrt(fan_in) (fan_in: the second-last axis, or all but the last for
-  convolutions); norm scales: 1 + 0.1 normal; modulations: normal / sqrt(dim); biases: 0.02
-  normal; embeddings and everything else: normal (scaled 0.1 for position biases).
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    shape = leaf.shape
-    x = rng.standard_normal(shape, dtype=np.float32)
-    if name == "kernel":
-      fan_in = math.prod(shape[:-1]) if len(shape) >= 4 else shape[-2]
-      x = x / math.sqrt(fan_in)
-    elif name in ("scale", "gamma"):
-      x = 1.0 + 0.1 * x
-    elif name == "modulation":
-      x = x / math.sqrt(shape[-1])
-    elif name == "bias":
-      x = 0.02 * x
-    elif name == "relative_attention_bias":
-      x = 0.1 * x
-    return jnp.asarray(x, leaf.dtype)
-
-  params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
 class T3Pipeline:
   """Text-to-video with a Wan DiT (T3 or full attention), the umT5 encoder and a Wan VAE.
 
@@ -388,10 +355,10 @@ class T3Pipeline:
         text_dim=umt5_config.d_model, num_layers=num_layers or dit_lib.DiTConfig.preset(preset).num_layers)
     dtype = as_dtype(dtype)
     start = time.perf_counter()
-    dit = random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
+    dit = engine.random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
                                              rngs=nnx.Rngs(0), **layout_lib.sampling_dit_kwargs(mesh)), seed)
-    vae = random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
-    text_encoder = random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
+    vae = engine.random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
+    text_encoder = engine.random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
     pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)
     pipe.load_seconds = time.perf_counter() - start
     return pipe

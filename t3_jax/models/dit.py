@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -36,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from t3_jax.core import attention as attention_lib
-from t3_jax.weights import checkpoint as checkpoint_lib
 from t3_jax.core import schedule as schedule_lib
+from t3_jax.weights import engine
 
 f32 = jnp.float32
 Triple = tuple[int, int, int]
@@ -546,31 +547,127 @@ def unpatchify(x, grid: Sequence[int], patch_size: Sequence[int], channels: int)
   return x.reshape(x.shape[0], channels, t * pt, h * ph, w * pw)
 
 
+# ------------------------------------------------------------------- torch layouts
+
+_ORIGINAL_RULES = [
+    # Wan-AI releases, DiffSynth, the T3-Video release.
+    ("patch_embedding.weight", "patch_embedding/kernel", "conv_as_linear"),
+    ("patch_embedding.bias", "patch_embedding/bias", "identity"),
+    *engine.dense("text_embedding.0", "text_embedding/fc1"),
+    *engine.dense("text_embedding.2", "text_embedding/fc2"),
+    *engine.dense("time_embedding.0", "time_embedding/fc1"),
+    *engine.dense("time_embedding.2", "time_embedding/fc2"),
+    *engine.dense("time_projection.1", "time_projection"),
+    *[rule for attn in ("self_attn", "cross_attn") for rule in [
+        *[r for n in "qkvo" for r in engine.dense(f"blocks.{{i}}.{attn}.{n}", f"blocks/{attn}/{n}")],
+        (f"blocks.{{i}}.{attn}.norm_q.weight", f"blocks/{attn}/norm_q/scale", "identity"),
+        (f"blocks.{{i}}.{attn}.norm_k.weight", f"blocks/{attn}/norm_k/scale", "identity")]],
+    ("blocks.{i}.norm3.weight", "blocks/norm3/scale", "identity"),
+    ("blocks.{i}.norm3.bias", "blocks/norm3/bias", "identity"),
+    *engine.dense("blocks.{i}.ffn.0", "blocks/ffn/fc1"),
+    *engine.dense("blocks.{i}.ffn.2", "blocks/ffn/fc2"),
+    ("blocks.{i}.modulation", "blocks/modulation", "identity"),
+    *engine.dense("head.head", "head/linear"),
+    ("head.modulation", "head/modulation", "identity"),
+]
+
+_DIFFUSERS_RULES = [
+    # diffusers WanTransformer3DModel.
+    ("patch_embedding.weight", "patch_embedding/kernel", "conv_as_linear"),
+    ("patch_embedding.bias", "patch_embedding/bias", "identity"),
+    *engine.dense("condition_embedder.text_embedder.linear_1", "text_embedding/fc1"),
+    *engine.dense("condition_embedder.text_embedder.linear_2", "text_embedding/fc2"),
+    *engine.dense("condition_embedder.time_embedder.linear_1", "time_embedding/fc1"),
+    *engine.dense("condition_embedder.time_embedder.linear_2", "time_embedding/fc2"),
+    *engine.dense("condition_embedder.time_proj", "time_projection"),
+    *[rule for attn, ours in (("attn1", "self_attn"), ("attn2", "cross_attn")) for rule in [
+        *[r for theirs, n in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"))
+          for r in engine.dense(f"blocks.{{i}}.{attn}.{theirs}", f"blocks/{ours}/{n}")],
+        (f"blocks.{{i}}.{attn}.norm_q.weight", f"blocks/{ours}/norm_q/scale", "identity"),
+        (f"blocks.{{i}}.{attn}.norm_k.weight", f"blocks/{ours}/norm_k/scale", "identity")]],
+    ("blocks.{i}.norm2.weight", "blocks/norm3/scale", "identity"),
+    ("blocks.{i}.norm2.bias", "blocks/norm3/bias", "identity"),
+    *engine.dense("blocks.{i}.ffn.net.0.proj", "blocks/ffn/fc1"),
+    *engine.dense("blocks.{i}.ffn.net.2", "blocks/ffn/fc2"),
+    ("blocks.{i}.scale_shift_table", "blocks/modulation", "identity"),
+    *engine.dense("proj_out", "head/linear"),
+    ("scale_shift_table", "head/modulation", "identity"),
+]
+
+# Per layout, the tensors whose shapes give the architecture.
+_PROBES = {
+    "original": {"patch": "patch_embedding.weight", "text": "text_embedding.0.weight",
+                 "time": "time_embedding.0.weight", "ffn": "blocks.0.ffn.0.weight", "head": "head.head.weight"},
+    "diffusers": {"patch": "patch_embedding.weight", "text": "condition_embedder.text_embedder.linear_1.weight",
+                  "time": "condition_embedder.time_embedder.linear_1.weight",
+                  "ffn": "blocks.0.ffn.net.0.proj.weight", "head": "proj_out.weight"},
+}
+
+
+def _fields_from_shapes(shapes, layout: str) -> dict:
+  """Every DiTConfig field the tensor shapes show; the head count is not among them."""
+  probes = _PROBES[layout]
+  missing = [k for k in probes.values() if k not in shapes or not shapes[k]]
+  if missing:
+    raise engine.WeightsError(f"Wan DiT checkpoint ({layout} layout) lacks {', '.join(missing)}: "
+                              "it is incomplete (a missing shard?)")
+  patch = shapes[probes["patch"]]
+  if len(patch) != 5:
+    raise engine.WeightsError(f"{probes['patch']} has shape {patch}, expected a Conv3d weight (out, in, kt, kh, kw)")
+  patch_size = tuple(patch[2:])
+  layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+  return {"dim": patch[0], "in_channels": patch[1], "patch_size": patch_size,
+          "ffn_dim": shapes[probes["ffn"]][0], "text_dim": shapes[probes["text"]][-1],
+          "freq_dim": shapes[probes["time"]][-1], "num_layers": max(layers) + 1 if layers else 0,
+          "out_channels": shapes[probes["head"]][0] // math.prod(patch_size)}
+
+
+def _fields_from_json(config: dict) -> dict | None:
+  """The fields of a diffusers WanTransformer3DModel config.json or a Wan release's
+  config.json (dim, num_heads, in_dim, ...); None for anything else."""
+  if config.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config:
+    heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+    fields = {"num_heads": heads, "dim": heads * head_dim if heads and head_dim else None,
+              **{k: config.get(k) for k in ("ffn_dim", "num_layers", "in_channels", "out_channels", "text_dim",
+                                             "freq_dim", "patch_size", "eps")}}
+  elif config.get("_class_name") == "WanModel" or ("dim" in config and "num_heads" in config):
+    fields = {"dim": config.get("dim"), "num_heads": config.get("num_heads"), "in_channels": config.get("in_dim"),
+              "out_channels": config.get("out_dim"),
+              **{k: config.get(k) for k in ("ffn_dim", "num_layers", "text_dim", "freq_dim", "patch_size", "eps")}}
+  else:
+    return None
+  return {k: v for k, v in fields.items() if v is not None}
+
+
+def _from_fields(fields: dict) -> DiTConfig:
+  """A DiTConfig; unless given, the family follows the latent channels (48: Wan2.2's VAE)."""
+  family = fields.get("family", "wan2.2" if fields.get("in_channels") == 48 else "wan2.1")
+  return DiTConfig.from_dict({"family": family, "per_token_timesteps": family == "wan2.2", **fields})
+
+
+def _build(config: DiTConfig, *, param_dtype, rngs, **kwargs) -> WanDiT:
+  return WanDiT(config, param_dtype=param_dtype, rngs=rngs, **kwargs)
+
+
+WEIGHTS = engine.ModelWeights(
+    kind="dit", name="Wan DiT", config_type=DiTConfig, build=_build,
+    layouts={
+        "original": engine.Layout(_ORIGINAL_RULES, signature=(
+            "patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "blocks.0.self_attn.q.weight")),
+        "diffusers": engine.Layout(_DIFFUSERS_RULES, signature=(
+            "patch_embedding.weight", "condition_embedder.text_embedder.linear_1.weight", "proj_out.weight",
+            "blocks.0.attn1.to_q.weight")),
+    },
+    fields_from_shapes=_fields_from_shapes, from_fields=_from_fields, fields_from_json=_fields_from_json,
+    presets=PRESETS, unseen={"num_heads": "--num_heads N"}, make_hint=CONVERT_HINT)
+
+
 # ------------------------------------------------------------------------- loading
 
-def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bfloat16,
-             param_dtype=None, implementation: str | None = None, remat: str = "none",
-             window_constraint: Callable | None = None, **layout_hooks) -> WanDiT:
+def load_dit(ckpt_dir: str, *, param_dtype=None, **model_kwargs) -> WanDiT:
   """A ready WanDiT from a t3-jax DiT checkpoint (made by convert_torch_weights.py).
 
-  param_dtype None keeps the checkpoint's dtype. Other arguments as for WanDiT;
-  layout_hooks: attention_fn, token_constraint, cross_attention_fn, token_chunks_fn.
+  param_dtype None keeps the checkpoint's dtype; model_kwargs go to WanDiT (attention,
+  schedule, dtype, remat, implementation and the layout hooks).
   """
-  try:
-    config_dict = checkpoint_lib.read_config(ckpt_dir)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}; to make a DiT checkpoint, {CONVERT_HINT}") from None
-  if config_dict.get("kind") != "dit":
-    raise ValueError(f"{ckpt_dir} holds a {config_dict.get('kind')!r} checkpoint, not a DiT; "
-                     f"to make one, {CONVERT_HINT}")
-  config = DiTConfig.from_dict(config_dict)
-  stored_dtype = jnp.dtype(config_dict.get("dtype", "float32"))
-  param_dtype = stored_dtype if param_dtype is None else jnp.dtype(param_dtype)
-
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(
-      config, attention=attention, schedule=schedule, dtype=dtype, param_dtype=param_dtype, remat=remat,
-      implementation=implementation, window_constraint=window_constraint, rngs=nnx.Rngs(0), **layout_hooks)))
-  # Restored straight into param_dtype (Orbax casts as it reads: no second copy on the host).
-  params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return engine.load(WEIGHTS, ckpt_dir, param_dtype=param_dtype, **model_kwargs)

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t3_jax.weights import engine
+
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -809,31 +811,6 @@ def _add_in_place(canvas, other):
 # Torch checkpoints: Wan's original layout ("wan") and diffusers' AutoencoderKLWan ("diffusers")
 # ---------------------------------------------------------------------------------------------
 
-# How a torch tensor becomes our parameter. Method calls only (.transpose/.reshape/.T), so they
-# run on numpy arrays, torch-free, and under jax.eval_shape (the streaming converter checks shapes).
-def conv3d_kernel(w):
-  """Conv3d weight (out, in, kt, kh, kw) -> kernel (kt, kh, kw, in, out)."""
-  return w.transpose(2, 3, 4, 1, 0)
-
-
-def conv2d_kernel(w):
-  """Conv2d weight (out, in, kh, kw) -> kernel (kh, kw, in, out)."""
-  return w.transpose(2, 3, 1, 0)
-
-
-def conv1x1_as_linear(w):
-  """1x1 Conv2d weight (out, in, 1, 1) -> Linear kernel (in, out)."""
-  return w.reshape(w.shape[0], w.shape[1]).T
-
-
-def vector(w):
-  """Biases, and RMS gammas stored as (C, 1, 1[, 1]) -> (C,)."""
-  return w.reshape(-1)
-
-
-TORCH_TRANSFORMS = {"conv3d": conv3d_kernel, "conv2d": conv2d_kernel, "linear": conv1x1_as_linear,
-                    "vector": vector}
-
 # Our module kinds -> (torch sub-key, our sub-path, transform) per layout.
 _RESBLOCK = {
     "wan": [("residual.0.gamma", ("norm1", "gamma")), ("residual.2", ("conv1",)),
@@ -863,8 +840,8 @@ def _module_entries(torch_prefix: str, path: tuple, kind: str, layout: str, has_
         rows += conv(key, (*path, *ours), "conv3d")
   elif kind == "attention":
     rows.append((f"{torch_prefix}.norm.gamma", (*path, "norm", "gamma"), "vector"))
-    rows += conv(f"{torch_prefix}.to_qkv", (*path, "to_qkv"), "linear")
-    rows += conv(f"{torch_prefix}.proj", (*path, "proj"), "linear")
+    rows += conv(f"{torch_prefix}.to_qkv", (*path, "to_qkv"), "conv1x1_as_linear")
+    rows += conv(f"{torch_prefix}.proj", (*path, "proj"), "conv1x1_as_linear")
   elif kind in ("resample", "resample3d"):
     rows += conv(f"{torch_prefix}.resample.1", (*path, "conv"), "conv2d")
     if kind == "resample3d":
@@ -876,11 +853,12 @@ def _module_entries(torch_prefix: str, path: tuple, kind: str, layout: str, has_
   return rows
 
 
-def torch_key_table(config: str | VAEConfig, layout: str) -> dict[str, tuple[tuple, str]]:
-  """{torch key: (our param path, transform name)} for a torch checkpoint in `layout` ("wan" | "diffusers").
+def torch_rules(config: str | VAEConfig, layout: str) -> list[engine.Rule]:
+  """The (torch key, param path, transform) rules of a torch checkpoint in `layout` ("wan" | "diffusers").
 
   "wan" is Wan's original `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` layout (DiffSynth's `VideoVAE_` /
-  `VideoVAE38_` modules); "diffusers" is `AutoencoderKLWan`'s.
+  `VideoVAE38_` modules); "diffusers" is `AutoencoderKLWan`'s. The VAE's stages are lists
+  of modules whose count and numbering follow the config, so the rules are made from it.
   """
   cfg = get_config(config)
   if layout not in ("wan", "diffusers"):
@@ -952,46 +930,13 @@ def torch_key_table(config: str | VAEConfig, layout: str) -> dict[str, tuple[tup
     add(f"{part}.head.2" if wan else f"{part}.conv_out", (part, "conv_out"), "conv3d")
   add("conv1" if wan else "quant_conv", ("quant_conv",), "conv3d")
   add("conv2" if wan else "post_quant_conv", ("post_quant_conv",), "conv3d")
-  return {key: (path, transform) for key, path, transform in rows}
+  return [(key, "/".join(map(str, path)), transform) for key, path, transform in rows]
 
 
-# Declarative per-layout tables: layout -> (config -> {torch key: (param path, transform)}).
-VAE_TORCH_TABLES = {
-    "wan": functools.partial(torch_key_table, layout="wan"),
-    "diffusers": functools.partial(torch_key_table, layout="diffusers"),
-}
-
-
-def strip_wrapper_keys(keys_or_state: Mapping[str, Any]) -> Mapping[str, Any]:
-  """Unwrap {'model_state': sd} and a common 'model.' / 'vae.' prefix (DiffSynth's wrapping)."""
-  sd = keys_or_state
-  if "model_state" in sd and isinstance(sd["model_state"], Mapping):
-    sd = sd["model_state"]
-  for prefix in ("model.", "vae."):
-    if sd and all(k.startswith(prefix) for k in sd):
-      sd = {k[len(prefix):]: v for k, v in sd.items()}
-  return sd
-
-
-def detect_layout(keys) -> str:
-  """'wan' (original Wan2.x_VAE.pth) or 'diffusers' (AutoencoderKLWan) from the state-dict keys."""
-  keys = set(keys)
-  if "encoder.conv1.weight" in keys and "decoder.head.2.weight" in keys:
-    return "wan"
-  if "encoder.conv_in.weight" in keys and "decoder.conv_out.weight" in keys:
-    return "diffusers"
-  raise ValueError("not a Wan VAE state dict: expected 'encoder.conv1.weight' (Wan layout) or "
-                   "'encoder.conv_in.weight' (diffusers layout) keys")
-
-
-def vae_config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
-  """The VAEConfig of a torch state dict (either layout) from its key -> shape map.
-
-  Recovers base/decoder widths, z_dim, dim_mult, num_res_blocks, temporal down-sampling, residual
-  blocks and the patch size; attaches the Wan2.1/Wan2.2 latent statistics when z_dim is 16/48.
-  """
-  shapes = {k: tuple(v) for k, v in strip_wrapper_keys(dict(shapes)).items()}
-  layout = detect_layout(shapes)
+def _fields_from_shapes(shapes: Mapping[str, Sequence[int]], layout: str) -> dict:
+  """Config fields of a torch state dict (either layout) from its key -> shape map: base/decoder
+  widths, z_dim, dim_mult, num_res_blocks, temporal down-sampling, residual blocks, patch size."""
+  shapes = {k: tuple(v) for k, v in shapes.items()}
   wan = layout == "wan"
   enc_in = shapes["encoder.conv1.weight" if wan else "encoder.conv_in.weight"]
   base_dim, in_channels = enc_in[0], enc_in[1]
@@ -1035,98 +980,59 @@ def vae_config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
     num_res = count if num_res is None else num_res
   if not dim_mult or len(temporal) != len(dim_mult) - 1:
     raise ValueError("could not read the encoder stages of this VAE state dict")
-  z = int(z_dim)
-  stats = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
-  mean, std = stats.get(z, ((), ()))
-  if not mean:
-    logger.warning("VAE with z_dim=%d has no published latent statistics; normalize_latents will fail", z)
-  return VAEConfig(
+  return dict(
       base_dim=int(base_dim), decoder_base_dim=None if decoder_dim == base_dim else int(decoder_dim),
-      z_dim=z, dim_mult=tuple(int(m) for m in dim_mult), num_res_blocks=int(num_res),
-      temporal_downsample=tuple(temporal), is_residual=is_residual, patch_size=patch,
-      latents_mean=mean, latents_std=std)
+      z_dim=int(z_dim), dim_mult=tuple(int(m) for m in dim_mult), num_res_blocks=int(num_res),
+      temporal_downsample=tuple(temporal), is_residual=is_residual, patch_size=patch)
 
 
-def _set_path(tree: dict, path: tuple, value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
+def _from_fields(fields: Mapping[str, Any]) -> VAEConfig:
+  """The VAEConfig of `fields`; the Wan2.1/Wan2.2 latent statistics when z_dim is 16/48 and
+  the fields have none."""
+  config = VAEConfig.from_dict(fields)
+  if not config.latents_mean:
+    stats = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
+    mean, std = stats.get(config.z_dim, ((), ()))
+    if not mean:
+      logger.warning("VAE with z_dim=%d has no published latent statistics; normalize_latents will fail",
+                     config.z_dim)
+    config = dataclasses.replace(config, latents_mean=mean, latents_std=std)
+  return config
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, Any], layout: str | None = None,
-                                 config: VAEConfig | None = None) -> dict:
-  """Our nested param dict (numpy, `nnx.to_pure_dict(nnx.state(model, nnx.Param))` structure) from a torch
-  state dict (tensors or arrays) in Wan's original or diffusers' layout; layout and config are detected
-  when not given. Raises on missing or unexpected keys and on shape mismatches."""
-  sd = strip_wrapper_keys(state_dict)
-  layout = layout or detect_layout(sd)
-  if config is None:
-    config = vae_config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
-  table = VAE_TORCH_TABLES[layout](config)
-  missing = sorted(set(table) - set(sd))
-  unexpected = sorted(set(sd) - set(table))
-  if missing or unexpected:
-    raise ValueError(f"{layout}-layout VAE state dict does not match the config: "
-                     f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                     f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-  abstract = nnx.eval_shape(lambda: WanVAE(config))
-  expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  params: dict = {}
-  for key, (path, transform) in table.items():
-    value = sd[key]
-    if hasattr(value, "detach"):  # torch tensor
-      value = value.detach().float().cpu().numpy() if value.dtype.is_floating_point else value.numpy()
-    value = TORCH_TRANSFORMS[transform](np.asarray(value))
-    want = _get_path(expected, path).shape
-    if value.shape != tuple(want):
-      raise ValueError(f"{key}: shape {value.shape} after conversion, expected {tuple(want)}")
-    _set_path(params, path, value)
-  return params
+def _fields_from_json(config: Mapping[str, Any]) -> dict | None:
+  """diffusers' AutoencoderKLWan config.json; None for anything else."""
+  if config.get("_class_name") != "AutoencoderKLWan":
+    return None
+  patch = config.get("patch_size") or 1
+  names = {"base_dim": "base_dim", "decoder_base_dim": "decoder_base_dim", "z_dim": "z_dim",
+           "dim_mult": "dim_mult", "num_res_blocks": "num_res_blocks",
+           "temperal_downsample": "temporal_downsample", "is_residual": "is_residual",
+           "latents_mean": "latents_mean", "latents_std": "latents_std"}
+  fields = {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
+  if fields.get("decoder_base_dim") == fields.get("base_dim"):
+    fields["decoder_base_dim"] = None
+  fields["patch_size"] = patch
+  if "in_channels" in config:
+    fields["image_channels"] = config["in_channels"] // (patch * patch)
+  return fields
 
 
-def _get_path(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
+def _build(config: VAEConfig, *, param_dtype, rngs, dtype=jnp.float32) -> WanVAE:
+  return WanVAE(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def _int_keys(tree):
-  """Orbax may store the integer keys of nnx.List as strings; give them back as ints."""
-  if not isinstance(tree, Mapping):
-    return tree
-  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
-
-
-def vae_from_params(config: str | VAEConfig, params: Mapping, *, dtype=jnp.float32,
-                    param_dtype=jnp.float32) -> WanVAE:
-  """A WanVAE holding `params` (a nested dict of numpy/jax arrays in our structure, e.g. from
-  `params_from_torch_state_dict` or an Orbax checkpoint), cast to param_dtype. No random init."""
-  config = get_config(config)
-  abstract = nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype))
-  graphdef, state = nnx.split(abstract)
-  like = nnx.to_pure_dict(state)
-  params = _int_keys(params)
-  if nnx.traversals.flatten_mapping(like).keys() != nnx.traversals.flatten_mapping(params).keys():
-    raise ValueError("VAE params do not match the config's structure; convert the checkpoint again")
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), like, params))
-  return nnx.merge(graphdef, state)
-
-
-def random_params(config: str | VAEConfig, seed: int = 0) -> dict:
-  """Random numpy params (torch-like fan-in scaled weights, perturbed gammas and biases), for tests
-  and benchmarks: avoids compiling one random-init program per parameter shape."""
-  abstract = nnx.eval_shape(lambda: WanVAE(get_config(config)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    if path[-1] == "kernel":
-      bound = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
-      return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
-    base = 1.0 if path[-1] == "gamma" else 0.0
-    return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-  return nnx.traversals.unflatten_mapping({path: draw(path, leaf) for path, leaf in flat.items()})
+WEIGHTS = engine.ModelWeights(
+    kind="vae", name="Wan VAE", config_type=VAEConfig, build=_build,
+    layouts={
+        "wan": engine.Layout(functools.partial(torch_rules, layout="wan"),
+                             signature=("encoder.conv1.weight", "decoder.head.2.weight", "conv2.weight")),
+        "diffusers": engine.Layout(functools.partial(torch_rules, layout="diffusers"),
+                                   signature=("encoder.conv_in.weight", "decoder.conv_out.weight",
+                                              "post_quant_conv.weight")),
+    },
+    fields_from_shapes=_fields_from_shapes, from_fields=_from_fields, fields_from_json=_fields_from_json,
+    presets=PRESETS, make_hint="run: python convert_torch_weights.py SOURCE DIR --kind vae")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1134,16 +1040,8 @@ def random_params(config: str | VAEConfig, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_config(config: VAEConfig, **extra) -> dict:
-  """The config.json of a VAE checkpoint: {"kind": "vae", **config fields, **extra}."""
-  return {"kind": "vae", **config.to_dict(), **extra}
-
-
 def save_vae(directory: str, model: WanVAE, **extra) -> None:
-  from t3_jax.weights import checkpoint
-
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  checkpoint.save_checkpoint(directory, params, checkpoint_config(model.config, **extra))
+  engine.save(WEIGHTS, directory, model, **extra)
 
 
 def load_vae(ckpt_dir: str, dtype=jnp.bfloat16, param_dtype=jnp.float32) -> WanVAE:
@@ -1151,11 +1049,4 @@ def load_vae(ckpt_dir: str, dtype=jnp.bfloat16, param_dtype=jnp.float32) -> WanV
 
   dtype: compute dtype (bf16 for real use; norms and softmax stay fp32); param_dtype: storage dtype.
   """
-  from t3_jax.weights import checkpoint
-
-  config = VAEConfig.from_dict(checkpoint.read_config(ckpt_dir, kind="vae"))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype)))
-  # Restored into the abstract model's structure and dtypes (integer list keys included).
-  params, _ = checkpoint.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return engine.load(WEIGHTS, ckpt_dir, param_dtype=param_dtype, dtype=dtype)

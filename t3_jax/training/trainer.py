@@ -445,13 +445,8 @@ class Trainer:
         raise ValueError(f"{path} holds a different DiT ({mismatch}): set model.preset to match the checkpoint")
       return params
     log.warning("model.init_checkpoint is empty: training from a random initialisation")
-    model_cfg = self.config
-
-    def init():
-      model, _ = build_model(model_cfg, abstract=False)
-      return nnx.to_pure_dict(nnx.split(model)[1])
-
-    return jax.jit(init, out_shardings=shardings)()
+    from t3_jax.weights import engine
+    return engine.random_params(abstract, seed=self.config.seed, shardings=shardings)
 
   def initial_state(self) -> tuple[dict, dict]:
     """(train state, frozen params) of a fresh run."""
