@@ -659,7 +659,7 @@ WEIGHTS = engine.ModelWeights(
             "blocks.0.attn1.to_q.weight")),
     },
     fields_from_shapes=_fields_from_shapes, from_fields=_from_fields, fields_from_json=_fields_from_json,
-    presets=PRESETS, unseen={"num_heads": "--num_heads N"}, make_hint=CONVERT_HINT)
+    presets=PRESETS, unseen={"num_heads": "--num_heads"}, make_hint=CONVERT_HINT)
 
 
 # ------------------------------------------------------------------------- loading

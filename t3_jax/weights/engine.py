@@ -195,7 +195,7 @@ def detect(spec: ModelWeights, shapes: Mapping[str, Shape], *, source_config: di
                if all(_config_fields(config).get(k) == v for k, v in fields.items())]
     if not matches:
       shown = ", ".join(f"{k} {v}" for k, v in found.items())
-      flags = " and ".join(spec.unseen[k] for k in missing)
+      flags = " and ".join(f"{spec.unseen[k]} N" for k in missing)
       raise WeightsError(f"the weights ({shown}) match no {spec.name} preset and do not show its "
                          f"{', '.join(missing)}: pass {flags}, or convert the exported folder with its config.json")
     fields = {**_config_fields(spec.presets[matches[0]]), **fields}
