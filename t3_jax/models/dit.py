@@ -650,7 +650,7 @@ def _build(config: DiTConfig, *, param_dtype, rngs, **kwargs) -> WanDiT:
 
 
 WEIGHTS = engine.ModelWeights(
-    kind="dit", name="Wan DiT", config_type=DiTConfig, build=_build,
+    kind="dit", name="Wan DiT", short_name="DiT", config_type=DiTConfig, build=_build,
     layouts={
         "original": engine.Layout(_ORIGINAL_RULES, signature=(
             "patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "blocks.0.self_attn.q.weight")),

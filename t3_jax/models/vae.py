@@ -1023,7 +1023,7 @@ def _build(config: VAEConfig, *, param_dtype, rngs, dtype=jnp.float32) -> WanVAE
 
 
 WEIGHTS = engine.ModelWeights(
-    kind="vae", name="Wan VAE", config_type=VAEConfig, build=_build,
+    kind="vae", name="Wan VAE", short_name="VAE", config_type=VAEConfig, build=_build,
     layouts={
         "wan": engine.Layout(functools.partial(torch_rules, layout="wan"),
                              signature=("encoder.conv1.weight", "decoder.head.2.weight", "conv2.weight")),

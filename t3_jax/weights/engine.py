@@ -116,6 +116,7 @@ class ModelWeights:
   unseen: Mapping[str, str] = dataclasses.field(default_factory=dict)  # field -> flag that gives it
   checkpoint_config: Callable[[Any], dict] = lambda config: config.to_dict()
   make_hint: str = ""              # how to make a checkpoint of this kind
+  short_name: str = ""             # for messages about our own checkpoints: "DiT" (default: name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +313,8 @@ def convert_source(spec: ModelWeights, source: TensorSource, *, dtype=None, pres
   rules, ignored = resolve_rules(spec, detected.layout, detected.config, shapes)
   if ignored:
     log.warning("skipping %d tensors the %s does not use (e.g. %s)", len(ignored), spec.name, ignored[0])
-    shapes = {k: v for k, v in shapes.items() if k not in set(ignored)}
+    skipped = set(ignored)
+    shapes = {k: v for k, v in shapes.items() if k not in skipped}
   if dtype is None:
     dtype = stored_dtype(source.dtypes[raw_key[k]] for k in shapes)
   dtype = np.dtype(dtype)
@@ -366,10 +368,10 @@ def load(spec: ModelWeights, ckpt_dir: str, *, param_dtype=None, **kwargs) -> nn
   try:
     stored = checkpoint_lib.read_config(ckpt_dir)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}; to make a {spec.name} checkpoint, {spec.make_hint}") from None
+    raise FileNotFoundError(f"{e}; to make a {spec.short_name or spec.name} checkpoint, {spec.make_hint}") from None
   if stored.get("kind") != spec.kind:
-    raise ValueError(f"{ckpt_dir} holds a {stored.get('kind')!r} checkpoint, not a {spec.name} ({spec.kind!r}); "
-                     f"to make one, {spec.make_hint}")
+    raise ValueError(f"{ckpt_dir} holds a {stored.get('kind')!r} checkpoint, not a {spec.short_name or spec.name} "
+                     f"({spec.kind!r}); to make one, {spec.make_hint}")
   config = spec.config_type.from_dict(stored)
   param_dtype = jnp.dtype(stored.get("dtype", "float32") if param_dtype is None else param_dtype)
   graphdef, state = nnx.split(abstract_model(spec, config, param_dtype=param_dtype, **kwargs))
