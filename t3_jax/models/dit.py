@@ -549,50 +549,49 @@ def unpatchify(x, grid: Sequence[int], patch_size: Sequence[int], channels: int)
 
 # ------------------------------------------------------------------- torch layouts
 
-_ORIGINAL_RULES = [
-    # Wan-AI releases, DiffSynth, the T3-Video release.
-    ("patch_embedding.weight", "patch_embedding/kernel", "conv_as_linear"),
-    ("patch_embedding.bias", "patch_embedding/bias", "identity"),
-    *engine.dense("text_embedding.0", "text_embedding/fc1"),
-    *engine.dense("text_embedding.2", "text_embedding/fc2"),
-    *engine.dense("time_embedding.0", "time_embedding/fc1"),
-    *engine.dense("time_embedding.2", "time_embedding/fc2"),
-    *engine.dense("time_projection.1", "time_projection"),
-    *[rule for attn in ("self_attn", "cross_attn") for rule in [
-        *[r for n in "qkvo" for r in engine.dense(f"blocks.{{i}}.{attn}.{n}", f"blocks/{attn}/{n}")],
-        (f"blocks.{{i}}.{attn}.norm_q.weight", f"blocks/{attn}/norm_q/scale", "identity"),
-        (f"blocks.{{i}}.{attn}.norm_k.weight", f"blocks/{attn}/norm_k/scale", "identity")]],
-    ("blocks.{i}.norm3.weight", "blocks/norm3/scale", "identity"),
-    ("blocks.{i}.norm3.bias", "blocks/norm3/bias", "identity"),
-    *engine.dense("blocks.{i}.ffn.0", "blocks/ffn/fc1"),
-    *engine.dense("blocks.{i}.ffn.2", "blocks/ffn/fc2"),
-    ("blocks.{i}.modulation", "blocks/modulation", "identity"),
-    *engine.dense("head.head", "head/linear"),
-    ("head.modulation", "head/modulation", "identity"),
+# Wan's original names (Wan-AI releases, DiffSynth, the T3-Video release) and diffusers'
+# (WanTransformer3DModel), side by side; "{i}" is the block index.
+_LINEARS = [  # torch Linear modules: (our module, original, diffusers)
+    ("text_embedding/fc1", "text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding/fc2", "text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding/fc1", "time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding/fc2", "time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection", "time_projection.1", "condition_embedder.time_proj"),
+    ("blocks/self_attn/q", "blocks.{i}.self_attn.q", "blocks.{i}.attn1.to_q"),
+    ("blocks/self_attn/k", "blocks.{i}.self_attn.k", "blocks.{i}.attn1.to_k"),
+    ("blocks/self_attn/v", "blocks.{i}.self_attn.v", "blocks.{i}.attn1.to_v"),
+    ("blocks/self_attn/o", "blocks.{i}.self_attn.o", "blocks.{i}.attn1.to_out.0"),
+    ("blocks/cross_attn/q", "blocks.{i}.cross_attn.q", "blocks.{i}.attn2.to_q"),
+    ("blocks/cross_attn/k", "blocks.{i}.cross_attn.k", "blocks.{i}.attn2.to_k"),
+    ("blocks/cross_attn/v", "blocks.{i}.cross_attn.v", "blocks.{i}.attn2.to_v"),
+    ("blocks/cross_attn/o", "blocks.{i}.cross_attn.o", "blocks.{i}.attn2.to_out.0"),
+    ("blocks/ffn/fc1", "blocks.{i}.ffn.0", "blocks.{i}.ffn.net.0.proj"),
+    ("blocks/ffn/fc2", "blocks.{i}.ffn.2", "blocks.{i}.ffn.net.2"),
+    ("head/linear", "head.head", "proj_out"),
+]
+_TENSORS = [  # other tensors: (our param, original, diffusers, transform)
+    ("patch_embedding/kernel", "patch_embedding.weight", "patch_embedding.weight", "conv_as_linear"),
+    ("patch_embedding/bias", "patch_embedding.bias", "patch_embedding.bias", "identity"),
+    ("blocks/self_attn/norm_q/scale", "blocks.{i}.self_attn.norm_q.weight", "blocks.{i}.attn1.norm_q.weight",
+     "identity"),
+    ("blocks/self_attn/norm_k/scale", "blocks.{i}.self_attn.norm_k.weight", "blocks.{i}.attn1.norm_k.weight",
+     "identity"),
+    ("blocks/cross_attn/norm_q/scale", "blocks.{i}.cross_attn.norm_q.weight", "blocks.{i}.attn2.norm_q.weight",
+     "identity"),
+    ("blocks/cross_attn/norm_k/scale", "blocks.{i}.cross_attn.norm_k.weight", "blocks.{i}.attn2.norm_k.weight",
+     "identity"),
+    ("blocks/norm3/scale", "blocks.{i}.norm3.weight", "blocks.{i}.norm2.weight", "identity"),
+    ("blocks/norm3/bias", "blocks.{i}.norm3.bias", "blocks.{i}.norm2.bias", "identity"),
+    ("blocks/modulation", "blocks.{i}.modulation", "blocks.{i}.scale_shift_table", "identity"),
+    ("head/modulation", "head.modulation", "scale_shift_table", "identity"),
 ]
 
-_DIFFUSERS_RULES = [
-    # diffusers WanTransformer3DModel.
-    ("patch_embedding.weight", "patch_embedding/kernel", "conv_as_linear"),
-    ("patch_embedding.bias", "patch_embedding/bias", "identity"),
-    *engine.dense("condition_embedder.text_embedder.linear_1", "text_embedding/fc1"),
-    *engine.dense("condition_embedder.text_embedder.linear_2", "text_embedding/fc2"),
-    *engine.dense("condition_embedder.time_embedder.linear_1", "time_embedding/fc1"),
-    *engine.dense("condition_embedder.time_embedder.linear_2", "time_embedding/fc2"),
-    *engine.dense("condition_embedder.time_proj", "time_projection"),
-    *[rule for attn, ours in (("attn1", "self_attn"), ("attn2", "cross_attn")) for rule in [
-        *[r for theirs, n in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"))
-          for r in engine.dense(f"blocks.{{i}}.{attn}.{theirs}", f"blocks/{ours}/{n}")],
-        (f"blocks.{{i}}.{attn}.norm_q.weight", f"blocks/{ours}/norm_q/scale", "identity"),
-        (f"blocks.{{i}}.{attn}.norm_k.weight", f"blocks/{ours}/norm_k/scale", "identity")]],
-    ("blocks.{i}.norm2.weight", "blocks/norm3/scale", "identity"),
-    ("blocks.{i}.norm2.bias", "blocks/norm3/bias", "identity"),
-    *engine.dense("blocks.{i}.ffn.net.0.proj", "blocks/ffn/fc1"),
-    *engine.dense("blocks.{i}.ffn.net.2", "blocks/ffn/fc2"),
-    ("blocks.{i}.scale_shift_table", "blocks/modulation", "identity"),
-    *engine.dense("proj_out", "head/linear"),
-    ("scale_shift_table", "head/modulation", "identity"),
-]
+
+def _rules(layout: int) -> list[engine.Rule]:
+  """The (torch key, param path, transform) rules of one column (1: original, 2: diffusers)."""
+  return ([rule for row in _LINEARS for rule in engine.dense(row[layout], row[0])]
+          + [(row[layout], row[0], row[3]) for row in _TENSORS])
+
 
 # Per layout, the tensors whose shapes give the architecture.
 _PROBES = {
@@ -652,9 +651,9 @@ def _build(config: DiTConfig, *, param_dtype, rngs, **kwargs) -> WanDiT:
 WEIGHTS = engine.ModelWeights(
     kind="dit", name="Wan DiT", short_name="DiT", config_type=DiTConfig, build=_build,
     layouts={
-        "original": engine.Layout(_ORIGINAL_RULES, signature=(
+        "original": engine.Layout(_rules(1), signature=(
             "patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "blocks.0.self_attn.q.weight")),
-        "diffusers": engine.Layout(_DIFFUSERS_RULES, signature=(
+        "diffusers": engine.Layout(_rules(2), signature=(
             "patch_embedding.weight", "condition_embedder.text_embedder.linear_1.weight", "proj_out.weight",
             "blocks.0.attn1.to_q.weight")),
     },
