@@ -17,6 +17,10 @@ shows (a DiT's head count) come from config.json, a flag, or a preset whose shap
 never from a guess. The engine does the rest: finds the layout, resolves the config,
 checks every key and shape before reading a tensor, fills the param tree one tensor at a
 time, restores checkpoints straight into the abstract model, and draws random params.
+
+To read a new torch naming of a model, add a Layout (its rules and signature keys) to the
+model's WEIGHTS.layouts; to add a model, declare its WEIGHTS and name its module in
+t3_jax.weights.convert.KINDS.
 """
 
 from __future__ import annotations
