@@ -117,12 +117,12 @@ def main():
   if args.attention == "stand_in":
     from t3_jax.core import attention
 
-    def stand_in(q, k, v, lengths=None, implementation=None):
+    def stand_in(q, k, v, lengths=None, implementation=None, target=None):
       """Flash attention's memory footprint (saves q, k, v; no [L, L] logits), not its math."""
       kv = jnp.mean(k.astype(jnp.float32) * v.astype(jnp.float32), axis=1, keepdims=True)
       return (q.astype(jnp.float32) * kv).astype(q.dtype)
 
-    attention.attend = stand_in  # read at trace time by sharding.sharded_t3_attention
+    attention.attend = stand_in  # read at trace time by t3_attention and sequence_parallel
 
   for n in counts:
     config = t3_wan.get_config(args.variant)
@@ -135,7 +135,7 @@ def main():
       config.model.remat = args.remat
     if args.layers:
       config.model.overrides.num_layers = args.layers
-    mesh = mesh_lib.make_mesh(1, n // seq, seq, 1, devices=jax.devices()[:n])
+    mesh = mesh_lib.make_mesh(1, n // seq, seq, devices=jax.devices()[:n])
     t0 = time.time()
     tr = trainer.Trainer(config, "/tmp/memory_plan_unused", mesh=mesh)
     batch = {k: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=tr.batch_sharding[k])

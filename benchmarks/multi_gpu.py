@@ -4,7 +4,7 @@
 
 Sequence parallel: the 4K token sequence is split over a mesh axis "sequence"; each
 self-attention re-lays the tokens so that every device holds whole windows
-(t3_jax.parallel.sharded_t3_attention, --relayouts: "heads" = one all-to-all of head
+(t3_jax.core.sequence_parallel.sharded_t3_attention, --relayouts: "heads" = one all-to-all of head
 groups each way, "windows" = whole windows per partition), and the rest of the block
 (linears, norms, cross-attention, FFN) runs on each device's own tokens. Parameters are
 replicated (2.8 GB for Wan2.1-1.3B in bf16).
@@ -35,7 +35,7 @@ from flax import nnx
 from t3_jax.models import dit
 from t3_jax.parallel import mesh as mesh_lib
 from t3_jax.core import sequence_parallel
-from t3_jax.parallel import layout as layout_lib
+from t3_jax.parallel.layout import Layout
 
 
 def timed(fn, repeats):
@@ -85,7 +85,7 @@ def main(argv=None):
   def builder(relayout):  # "heads", "heads/3" (3 pipelined stages), "windows", "auto"
     name, _, stages = relayout.partition("/")
     return lambda mesh: dit.WanDiT(config, attention="t3", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-                                   **layout_lib.dit_kwargs(mesh, relayout=name, stages=int(stages or 1)))
+                                   layout=Layout(mesh, relayout=name, stages=int(stages or 1)))
 
   _, state = nnx.split(nnx.eval_shape(lambda: builder("auto")(None)))
   state = jax.tree.map(lambda s: jnp.asarray(

@@ -51,6 +51,7 @@ from t3_jax.core import attention as attention_lib
 from t3_jax.models import dit as dit_lib
 from t3_jax.diffusion import flow
 from t3_jax.core import windows
+from t3_jax.parallel.layout import Layout
 
 VARIANTS = ("t3", "close", "remote", "full")
 
@@ -212,34 +213,40 @@ def eval_set(s: Settings):
 
 # ------------------------------------------------------------------ attention variants
 
-def _single_partition_attention(q, k, v, grid, blocks, remote: bool, implementation=None,
-                                window_constraint=None):
+def _single_partition_attention(q, k, v, grid, blocks, remote: bool, implementation=None):
   """Softmax attention inside the close (or remote) windows only. [B, N, h, d] -> [B, N, h, d]."""
   grid, blocks = tuple(int(g) for g in grid), tuple(int(n) for n in blocks)
   if windows.is_padded(grid, blocks):
     raise ValueError(f"blocks {blocks} must divide grid {grid} for the single-partition ablations")
   split = windows.remote_windows if remote else windows.close_windows
   merge = windows.merge_remote_windows if remote else windows.merge_close_windows
-  constrain = window_constraint or (lambda x: x)
-  qw, kw, vw = (constrain(split(x, grid, blocks)) for x in (q, k, v))   # [B, nw, L, h, d]
+  qw, kw, vw = (split(x, grid, blocks) for x in (q, k, v))   # [B, nw, L, h, d]
   fold = lambda x: x.reshape(-1, *x.shape[2:])
   out = attention_lib.attend(fold(qw), fold(kw), fold(vw), implementation=implementation)
-  return merge(constrain(out.reshape(qw.shape)), grid, blocks)
+  return merge(out.reshape(qw.shape), grid, blocks)
 
 
-def close_only_attention(q, k, v, grid, blocks, implementation=None, window_constraint=None):
+def close_only_attention(q, k, v, grid, blocks, implementation=None):
   """Ablation: close (contiguous) windows only; same signature as t3_attention."""
-  return _single_partition_attention(q, k, v, grid, blocks, False, implementation, window_constraint)
+  return _single_partition_attention(q, k, v, grid, blocks, False, implementation)
 
 
-def remote_only_attention(q, k, v, grid, blocks, implementation=None, window_constraint=None):
+def remote_only_attention(q, k, v, grid, blocks, implementation=None):
   """Ablation: remote (dilated) windows only; same signature as t3_attention."""
-  return _single_partition_attention(q, k, v, grid, blocks, True, implementation, window_constraint)
+  return _single_partition_attention(q, k, v, grid, blocks, True, implementation)
 
 
-ATTENTION_FNS: dict[str, Callable | None] = {
-    "t3": attention_lib.t3_attention, "close": close_only_attention,
-    "remote": remote_only_attention, "full": None}
+@dataclasses.dataclass(frozen=True)
+class SinglePartitionLayout(Layout):
+  """One device, self-attention in one partition only (the ablations)."""
+  remote: bool = False
+
+  def self_attention(self, q, k, v, grid, blocks, implementation=None):
+    return _single_partition_attention(q, k, v, grid, blocks, self.remote, implementation)
+
+
+LAYOUTS: dict[str, Layout] = {"t3": Layout(), "close": SinglePartitionLayout(remote=False),
+                              "remote": SinglePartitionLayout(remote=True)}
 
 
 def build_model(s: Settings, variant: str, seed: int = 0) -> dit_lib.WanDiT:
@@ -251,7 +258,7 @@ def build_model(s: Settings, variant: str, seed: int = 0) -> dit_lib.WanDiT:
     return dit_lib.WanDiT(cfg, attention="full", dtype=jnp.float32, param_dtype=jnp.float32,
                           rngs=nnx.Rngs(seed))
   return dit_lib.WanDiT(cfg, attention="t3", schedule=[tuple(b) for b in s.schedule],
-                        attention_fn=ATTENTION_FNS[variant], dtype=jnp.float32,
+                        layout=LAYOUTS[variant], dtype=jnp.float32,
                         param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
 
 

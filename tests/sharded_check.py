@@ -21,6 +21,7 @@ from t3_jax.core import attention
 from t3_jax.models import dit
 from t3_jax.parallel import mesh as mesh_lib
 from t3_jax.core import sequence_parallel
+from t3_jax.parallel.layout import Layout
 from t3_jax.training import trainer
 
 
@@ -35,7 +36,7 @@ def check_attention(mesh, grid, blocks, collective, relayout, batch=2, heads=4, 
   rng = np.random.default_rng(0)
   n = int(np.prod(grid))
   q, k, v = (jnp.asarray(rng.normal(size=(batch, n, heads, head_dim)), jnp.float32) for _ in range(3))
-  fn = sequence_parallel.sharded_t3_attention(mesh, collective, relayout, stages)
+  fn = Layout(mesh, relayout=relayout, collective=collective, stages=stages).self_attention
   spec = mesh_lib.logical_sharding(mesh, "batch", "tokens", "heads", None)
   qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
   loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, grid, blocks, "xla"))))
@@ -45,7 +46,7 @@ def check_attention(mesh, grid, blocks, collective, relayout, batch=2, heads=4, 
   ref = attention.t3_attention(q, k, v, grid, blocks, "xla")
   ref_grads = jax.grad(loss(attention.t3_attention), argnums=(0, 1, 2))(q, k, v)
   plan = sequence_parallel.describe_relayout(grid, blocks, mesh_lib.axis_size(mesh, "tokens"), heads, collective)
-  return {"grid": grid, "blocks": blocks, "collective": collective, "relayout": relayout, "stages": stages, "out": max_diff(out, ref), "grad": max_diff(grads, ref_grads),
+  return {"grid": grid, "blocks": blocks, "collective": collective, "relayout": relayout, "stages": stages, "heads": heads, "out": max_diff(out, ref), "grad": max_diff(grads, ref_grads),
           "collectives": sequence_parallel.collectives_in(forward.as_text()), "plan": plan}
 
 
@@ -74,6 +75,8 @@ def main():
     result["attention"].append(check_attention(mesh, grid, blocks, collective, relayout))
   # Head groups in 2 pipelined stages (8 heads, 4 shards): 2 all-to-alls per stage.
   result["attention"].append(check_attention(mesh, (3, 4, 8), (1, 2, 4), "auto", "heads", heads=8, stages=2))
+  # 6 heads on 4 shards: padded to 8 heads (2 per device), still two all-to-alls.
+  result["attention"].append(check_attention(mesh, (3, 4, 8), (1, 2, 4), "auto", "auto", heads=6))
 
   # The FFN runs over chunks of tokens (of each device's own tokens when sharded), as at 4K,
   # and the tiny model's parameters are sharded as a real model's are (none is "small").

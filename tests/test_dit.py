@@ -228,8 +228,7 @@ def test_load_dit_errors(tmp_path):
 
 
 def test_ffn_over_token_chunks_equals_whole():
-  from t3_jax.models import dit as dit_lib
   x = jax.random.normal(jax.random.key(0), (2, 60, 8))
   fn = lambda h: jnp.tanh(h @ jnp.arange(64.0).reshape(8, 8) / 64)
-  np.testing.assert_allclose(dit_lib._over_token_chunks(fn, x, max_tokens=16), fn(x), rtol=1e-6, atol=1e-6)
-  assert dit_lib._over_token_chunks(fn, x, max_tokens=1000).shape == x.shape
+  np.testing.assert_allclose(attention.over_token_chunks(fn, x, max_tokens=16), fn(x), rtol=1e-6, atol=1e-6)
+  assert attention.over_token_chunks(fn, x, max_tokens=1000).shape == x.shape

@@ -209,23 +209,26 @@ def test_pallas_splash_interpret_matches_reference(padded):
   rng = np.random.default_rng(9)
   grid, blocks = ((3, 5, 7), (2, 2, 3)) if padded else ((2, 4, 6), (2, 2, 3))
   q, k, v = random_qkv(rng, 1, math.prod(grid), 2, 8)
-  out = t3_jax.t3_attention(q, k, v, grid, blocks, implementation="pallas")
+  out = t3_jax.t3_attention(q, k, v, grid, blocks, implementation="pallas_interpret")
   assert rel_err(out, reference_t3(q, k, v, grid, blocks)) < 1e-5
 
 
 def test_kernel_choice():
-  assert attention.choose_implementation(None, jnp.bfloat16, 128, platform="gpu") == "cudnn"
-  assert attention.choose_implementation(None, jnp.float32, 128, platform="gpu") == "xla"
-  assert attention.choose_implementation(None, jnp.bfloat16, 128, platform="tpu") == "pallas"
-  assert attention.choose_implementation(None, jnp.float32, 128, platform="cpu") == "xla"
+  assert attention.choose_implementation(None, jnp.bfloat16, 128, attention.Target("gpu")) == "cudnn"
+  assert attention.choose_implementation(None, jnp.float32, 128, attention.Target("gpu")) == "xla"
+  assert attention.choose_implementation(None, jnp.bfloat16, 128, attention.Target("tpu")) == "pallas"
+  assert attention.choose_implementation(None, jnp.float32, 128, attention.Target("cpu")) == "xla"
   with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-    attention.choose_implementation("cudnn", jnp.bfloat16, 128, platform="cpu")
+    attention.choose_implementation("cudnn", jnp.bfloat16, 128, attention.Target("cpu"))
   with pytest.raises(ValueError, match="bf16 or fp16"):
-    attention.choose_implementation("cudnn", jnp.float32, 128, platform="gpu")
+    attention.choose_implementation("cudnn", jnp.float32, 128, attention.Target("gpu"))
   with pytest.raises(ValueError, match="TPU splash"):
-    attention.choose_implementation("pallas", jnp.bfloat16, 128, platform="gpu")
+    attention.choose_implementation("pallas", jnp.bfloat16, 128, attention.Target("gpu"))
+  with pytest.raises(ValueError, match="pallas_interpret"):  # never the interpreter unasked
+    attention.choose_implementation("pallas", jnp.bfloat16, 128, attention.Target("cpu"))
+  assert attention.choose_implementation("pallas_interpret", jnp.float32, 8, attention.Target("cpu")) == "pallas_interpret"
   with pytest.raises(ValueError, match="implementation must be"):
-    attention.choose_implementation("flash", jnp.bfloat16, 128, platform="gpu")
+    attention.choose_implementation("flash", jnp.bfloat16, 128, attention.Target("gpu"))
 
 
 def sampled_reference(q, k, v, grid, blocks, queries):

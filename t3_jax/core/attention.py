@@ -5,50 +5,65 @@
 where close/remote is plain softmax attention inside every close/remote window
 (`t3_jax.core.windows`), with the same q, k, v. blocks = (1, 1, 1) is full attention.
 
-Kernels ("implementation"):
-  "xla"     jax.nn.dot_product_attention's XLA path: any platform (materialises logits).
-  "cudnn"   cuDNN flash attention: NVIDIA GPUs, bf16/fp16.
-  "pallas"  Pallas splash attention: TPU (on CPU it runs in interpret mode, for tests).
-  None      by platform: cudnn on GPU (xla for float32, said once in the log),
-            pallas on TPU, xla on CPU.
+Kernels ("implementation"), chosen for the devices a program is compiled for (`Target`),
+never for the host's default backend:
+  "xla"               jax.nn.dot_product_attention's XLA path: any platform (materialises logits).
+  "cudnn"             cuDNN flash attention: NVIDIA GPUs, bf16/fp16.
+  "pallas"            Pallas splash attention, the real Mosaic kernel: TPU only.
+  "pallas_interpret"  the same kernel in Pallas' interpreter: any platform, for tests.
+  None                by the target's platform: cudnn on GPU (xla for float32, said once in
+                      the log), pallas on TPU, xla on CPU.
 A kernel that can't run raises; nothing falls back silently.
+
+Mosaic kernels can't be partitioned by XLA: on a mesh, every call of `t3_attention` with
+the pallas kernel must sit inside a shard_map (t3_jax.parallel.layout does that).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
+import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t3_jax import logs
 from t3_jax.core import windows
 
-log = logging.getLogger(__name__)
-
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
-_SPLASH_BLOCK = 128
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_interpret")
 
 
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-  log.warning(message)
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The devices a program is compiled for: platform ("cpu", "gpu", "tpu") and device kind
+  (e.g. "TPU v5 lite", "NVIDIA H200"). Kernels and their block sizes are chosen by it."""
+  platform: str
+  device_kind: str = ""
+
+  @classmethod
+  def of(cls, devices) -> "Target":
+    """The target of a mesh's devices (real or abstract TPU devices alike)."""
+    first = next(iter(np.asarray(devices).flat))
+    return cls(first.platform, getattr(first, "device_kind", ""))
+
+  @classmethod
+  def default(cls) -> "Target":
+    """The device a program without a mesh runs on: the first of jax.devices()."""
+    return cls.of(jax.devices()[:1])
 
 
-def choose_implementation(implementation: str | None, dtype, head_dim: int,
-                          platform: str | None = None) -> str:
-  """Resolves the kernel for this platform and dtype; raises if it can't run."""
-  platform = platform or jax.default_backend()
+def choose_implementation(implementation: str | None, dtype, head_dim: int, target: Target) -> str:
+  """Resolves the kernel for the target's platform and this dtype; raises if it can't run."""
+  platform = target.platform
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if implementation is None:
     if platform == "gpu":
       if half and head_dim <= 128:
         return "cudnn"
-      _say_once(f"cuDNN attention needs bf16/fp16 and head_dim <= 128 (got {jnp.dtype(dtype).name}, "
-                f"{head_dim}): using the XLA attention kernel")
+      logs.warn_once(f"cuDNN attention needs bf16/fp16 and head_dim <= 128 (got {jnp.dtype(dtype).name}, "
+                     f"{head_dim}): using the XLA attention kernel")
       return "xla"
     if platform == "tpu":
       return "pallas"
@@ -57,22 +72,53 @@ def choose_implementation(implementation: str | None, dtype, head_dim: int,
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
   if implementation == "cudnn":
     if platform != "gpu":
-      raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but JAX runs on {platform}: use 'xla' or None")
+      raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but the program is compiled for {platform}: "
+                       "use 'xla' or None")
     if not half:
       raise ValueError(f"implementation='cudnn' needs bf16 or fp16 inputs, got {jnp.dtype(dtype).name}: "
                        "use dtype=bfloat16 or implementation='xla'")
-  if implementation == "pallas":
-    if platform == "gpu":
-      raise ValueError("implementation='pallas' is the TPU splash kernel: on GPU use 'cudnn' or 'xla'")
-    if platform != "tpu":
-      _say_once(f"Pallas splash attention runs in interpret mode on {platform} (slow; for testing)")
+  if implementation == "pallas" and platform != "tpu":
+    raise ValueError(f"implementation='pallas' is the TPU splash kernel, but the program is compiled for {platform}: "
+                     "use None (the platform's kernel), or 'pallas_interpret' to test the kernel on CPU")
   return implementation
 
 
 # The XLA kernel materialises [windows, heads, L, L] logits: above this many elements
-# it runs over chunks of windows (a scan) so that memory stays bounded. The DiT's XLA
+# it runs over chunks of windows (a scan) so that memory stays bounded. The XLA
 # cross-attention uses the same bound for its chunks of queries.
 XLA_MAX_LOGITS = 1 << 27
+
+
+def over_token_chunks(fn, x, max_tokens: int):
+  """fn applied token-wise over [B, N, ...] in sequential chunks of at most max_tokens.
+
+  Each chunk is rematerialised (jax.checkpoint) when differentiated: the backward pass
+  recomputes one chunk's intermediates at a time instead of keeping all of them, which
+  would undo the chunking's memory saving in training. Without gradients it changes nothing.
+  """
+  batch, n = x.shape[:2]
+  chunks = -(-n // max_tokens)
+  while n % chunks:  # a chunk count that divides the tokens
+    chunks += 1
+  if chunks == 1:
+    return fn(x)
+  xs = jnp.moveaxis(x.reshape(batch, chunks, n // chunks, *x.shape[2:]), 1, 0)
+  out = jax.lax.map(jax.checkpoint(fn), xs)
+  return jnp.moveaxis(out, 0, 1).reshape(batch, n, *out.shape[3:])
+
+
+def dense_attention(q, k, v, implementation: str | None, target: Target):
+  """Full softmax attention with unequal query/key lengths (the DiT's cross-attention).
+
+  cuDNN where the resolved kernel is cuDNN; otherwise XLA over chunks of queries when the
+  logits would be large (512 text keys are cheap for XLA on every platform).
+  q: [B, N, h, d], k, v: [B, L, h, d] -> [B, N, h, d].
+  """
+  if choose_implementation(implementation, q.dtype, q.shape[-1], target) == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  batch, _, heads, _ = q.shape
+  max_queries = max(1, XLA_MAX_LOGITS // (batch * heads * k.shape[1]))
+  return over_token_chunks(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"), q, max_queries)
 
 
 def _pad_windows(x, length: int):
@@ -101,49 +147,104 @@ def _attend_dot_product(q, k, v, lengths, implementation):
   return out.reshape(q.shape)
 
 
-def _attend_splash(q, k, v, lengths):
-  """Splash attention over a batch of windows; windows padded to the kernel's block."""
+# --- Splash block sizes: a rule per window length. ---
+#
+# Splash attention tiles every (window, head) into [block_q, block_kv] steps, the key block
+# computed block_kv_compute keys at a time; the blocks must divide the (padded) window, and
+# padded slots are masked (segment ids) but still computed. Each grid step costs a fixed
+# overhead (the Pallas TPU guide gives about 0.35 us), worth OVERHEAD_S x peak FLOPs, so
+# small blocks on short windows are mostly overhead, while large blocks pad more. The rule
+# minimises the modelled time  Lp^2 * (1 + c / (block_q * block_kv_compute)),
+# c = OVERHEAD_S * peak / (4 * head_dim), over block sizes that compile on every TPU
+# generation (v5e's VMEM is the limit: [1536, 1536] blocks fail its backward pass).
+# The TPU compiler's own time estimate leaves Mosaic kernels out, so it can't choose
+# (BENCHMARKS.md, TPU section).
+SPLASH_BLOCKS = (128, 256, 512, 1024)
+SPLASH_MAX_KV_COMPUTE = 512
+SPLASH_OVERHEAD_S = 0.35e-6
+# Dense bf16 peak FLOP/s per chip, by device kind.
+TPU_PEAK_FLOPS = (("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12),
+                  ("TPU v4", 275e12))
+
+
+def tpu_peak_flops(device_kind: str) -> float:
+  for name, flops in TPU_PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return 459e12  # unknown kind: a v5p-like chip
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+  padded_length: int  # the window padded to a multiple of block_q and block_kv
+  block_q: int
+  block_kv: int
+  block_kv_compute: int
+
+
+def splash_blocks(length: int, head_dim: int = 128, device_kind: str = "") -> SplashBlocks:
+  """The block sizes of splash attention for windows of `length` tokens (see the rule above)."""
+  c = SPLASH_OVERHEAD_S * tpu_peak_flops(device_kind) / (4 * head_dim)
+
+  def candidate(block):
+    padded = -(-length // block) * block
+    compute = min(block, SPLASH_MAX_KV_COMPUTE)
+    cost = padded * padded * (1 + c / (block * compute))
+    return cost, SplashBlocks(padded, block, block, compute)
+
+  return min((candidate(b) for b in SPLASH_BLOCKS), key=lambda x: x[0])[1]
+
+
+def _attend_splash(q, k, v, lengths, target: Target, interpret: bool):
+  """Splash attention over a batch of windows; windows padded to the kernel's blocks."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
   batch, length, heads, head_dim = q.shape
-  padded = -(-length // _SPLASH_BLOCK) * _SPLASH_BLOCK
-  if lengths is None:
+  blocks = splash_blocks(length, head_dim, target.device_kind)
+  padded = blocks.padded_length
+  if lengths is None and padded != length:
     lengths = np.full((batch,), length, np.int32)
-  # Real tokens are segment 0, padding segment 1: padded keys are invisible to real
-  # queries, and padded queries (dropped later) see only padding, so nothing is NaN.
-  segments = (jnp.arange(padded)[None, :] >= jnp.asarray(lengths)[:, None]).astype(jnp.int32)
+  segments = None
+  if lengths is not None:
+    # Real tokens are segment 0, padding segment 1: padded keys are invisible to real
+    # queries, and padded queries (dropped later) see only padding, so nothing is NaN.
+    segments = (jnp.arange(padded)[None, :] >= jnp.asarray(lengths)[:, None]).astype(jnp.int32)
 
   def to_kernel_layout(x):  # [B, L, h, d] -> [B, h, Lp, d]
     return _pad_windows(x, padded).transpose(0, 2, 1, 3)
 
-  block = splash.BlockSizes(
-      block_q=_SPLASH_BLOCK, block_kv=_SPLASH_BLOCK, block_kv_compute=_SPLASH_BLOCK,
-      block_q_dkv=_SPLASH_BLOCK, block_kv_dkv=_SPLASH_BLOCK, block_kv_dkv_compute=_SPLASH_BLOCK,
-      block_q_dq=_SPLASH_BLOCK, block_kv_dq=_SPLASH_BLOCK)
+  sizes = splash.BlockSizes(
+      block_q=blocks.block_q, block_kv=blocks.block_kv, block_kv_compute=blocks.block_kv_compute,
+      block_q_dkv=blocks.block_q, block_kv_dkv=blocks.block_kv, block_kv_dkv_compute=blocks.block_kv_compute,
+      block_q_dq=blocks.block_q, block_kv_dq=blocks.block_kv)
   mask = splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * heads)
-  kernel = splash.make_splash_mha(mask, block_sizes=block, head_shards=1, q_seq_shards=1,
-                                  interpret=jax.default_backend() != "tpu")
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
   scale = head_dim ** -0.5  # splash does not scale q
-  out = jax.vmap(kernel)(to_kernel_layout(q * jnp.asarray(scale, q.dtype)), to_kernel_layout(k),
-                         to_kernel_layout(v), splash.SegmentIds(q=segments, kv=segments))
+  qkv = (to_kernel_layout(q * jnp.asarray(scale, q.dtype)), to_kernel_layout(k), to_kernel_layout(v))
+  if segments is None:
+    out = jax.vmap(kernel)(*qkv)
+  else:
+    out = jax.vmap(kernel)(*qkv, splash.SegmentIds(q=segments, kv=segments))
   return out.transpose(0, 2, 1, 3)[:, :length]
 
 
-def attend(q, k, v, lengths=None, implementation: str | None = None):
+def attend(q, k, v, lengths=None, implementation: str | None = None, target: Target | None = None):
   """Softmax attention over a batch of windows.
 
   q, k, v: [windows, tokens_per_window, heads, head_dim]; lengths: [windows] real
   tokens at the front of each window (keys past it are masked), or None.
+  target: the devices the program is compiled for (default: the first of jax.devices()).
   Returns [windows, tokens_per_window, heads, head_dim].
   """
-  implementation = choose_implementation(implementation, q.dtype, q.shape[-1])
+  target = target or Target.default()
+  implementation = choose_implementation(implementation, q.dtype, q.shape[-1], target)
   if lengths is not None:
     # A window can be all padding (e.g. 5 rows in 4 close windows of 2): let it see one
     # zero key rather than none, so that no kernel gives NaN; its outputs are dropped.
     lengths = jnp.maximum(jnp.asarray(lengths, jnp.int32), 1)
-  if implementation == "pallas":
-    return _attend_splash(q, k, v, lengths)
+  if implementation.startswith("pallas"):
+    return _attend_splash(q, k, v, lengths, target, interpret=implementation == "pallas_interpret")
   return _attend_dot_product(q, k, v, lengths, implementation)
 
 
@@ -153,7 +254,7 @@ def _fold(x):  # [B, windows, L, h, d] -> [B * windows, L, h, d]
 
 def t3_attention(q, k, v, grid: Sequence[int], blocks: Sequence[int],
                  implementation: str | None = None, fuse_partitions: bool = False,
-                 window_constraint: Callable | None = None):
+                 target: Target | None = None):
   """T3 window attention: the mean of close-window and remote-window attention.
 
   Args:
@@ -166,9 +267,7 @@ def t3_attention(q, k, v, grid: Sequence[int], blocks: Sequence[int],
     fuse_partitions: run close and remote windows in one kernel call (concatenated).
       Off by default: on an H200 at 4K the concatenation costs more than the second
       launch saves (BENCHMARKS.md, notes: 1-4% slower per layer).
-    window_constraint: optional f(x) applied to every windowed array
-      [batch, windows, tokens_per_window, heads, head_dim] (e.g. a sharding
-      constraint that keeps whole windows on a device).
+    target: the devices the program is compiled for (default: the first of jax.devices()).
   Returns:
     [batch, T*H*W, heads, head_dim], dtype of q.
   """
@@ -176,17 +275,16 @@ def t3_attention(q, k, v, grid: Sequence[int], blocks: Sequence[int],
   windows.check_blocks(grid, blocks)
   if q.shape[1] != math.prod(grid):
     raise ValueError(f"q has {q.shape[1]} tokens, but grid {grid} has {math.prod(grid)}")
-  constrain = window_constraint or (lambda x: x)
+  target = target or Target.default()
 
   def run(parts, lengths):
     """parts: per partition, (q, k, v) windows [B, nw, L, h, d]; lengths: per partition
     [nw] real tokens, or None. One kernel call over all windows of all parts."""
-    qkv = [constrain(jnp.concatenate(x, axis=1)) for x in zip(*parts)]
+    qkv = [jnp.concatenate(x, axis=1) for x in zip(*parts)]
     if lengths is not None:  # window order after folding: (batch, partition, window)
       lengths = np.tile(np.concatenate(lengths), q.shape[0])
-    out = attend(*(_fold(x) for x in qkv), lengths=lengths, implementation=implementation)
-    out = constrain(out.reshape(qkv[0].shape))
-    return jnp.split(out, len(parts), axis=1)
+    out = attend(*(_fold(x) for x in qkv), lengths=lengths, implementation=implementation, target=target)
+    return jnp.split(out.reshape(qkv[0].shape), len(parts), axis=1)
 
   def run_partitions(parts, lengths):
     if fuse_partitions:

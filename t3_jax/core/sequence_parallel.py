@@ -3,11 +3,14 @@
 Window attention on a sequence-sharded video (`sharded_t3_attention`): every window
 is independent, so it is enough that each device holds whole windows. Two re-layouts:
 
-  heads    (where the heads divide by the sequence shards; the default) one all-to-all
-           gives each device every token of heads/D heads, the one-device `t3_attention`
-           runs on them, one all-to-all returns the output (as DeepSpeed-Ulysses). Per
-           device the memory is that of its N/D tokens; four tensors cross the links.
-  windows  (any head count, e.g. 12 heads on 8 shards) each device receives whole
+  heads    (the default) one all-to-all gives each device every token of heads/D heads,
+           the one-device `t3_attention` runs on them, one all-to-all returns the output
+           (as DeepSpeed-Ulysses). Per device the memory is that of its N/D tokens; four
+           tensors cross the links. Heads that don't divide by D are padded with zero
+           heads (12 heads on 8 shards: 16, two per device), which attend to zeros and are
+           dropped: no extra buffers, at most a third more attention work.
+  windows  (any head count; "auto" takes it where padding heads would waste more than a
+           third, e.g. 12 heads on 32 shards) each device receives whole
            (window, head group) units of each partition. The token -> (window, slot)
            maps are arithmetic (the maps `t3_jax.windows` builds by reshape), so the
            re-layout is a static permutation computed in the graph: items are packed per
@@ -22,20 +25,17 @@ is independent, so it is enough that each device holds whole windows. Two re-lay
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
+from t3_jax import logs
 from t3_jax.core import attention as t3_attention_lib
 from t3_jax.core import windows
-from t3_jax.parallel.mesh import _mesh_axes, axis_size, logical_to_spec
-
-log = logging.getLogger(__name__)
 
 # --- T3 attention over a sequence-sharded video. ---
 
@@ -209,15 +209,17 @@ def _unpack(out, route, plan, axis, devices):
   return tokens[:, :items]
 
 
-def head_parallel_attention(q, k, v, grid, blocks, implementation, axis: str, devices: int, stages: int = 1):
+def head_parallel_attention(q, k, v, grid, blocks, implementation, axis: str, devices: int, stages: int = 1,
+                            target: t3_attention_lib.Target | None = None):
   """Inside shard_map: T3 attention with whole-sequence head groups (as DeepSpeed-Ulysses).
 
   q, k, v: [B, N/D, h, d], this device's contiguous tokens, all its h heads. One all-to-all
   turns them into [B, N, h/D, d], every token of h/D heads: every window of both partitions
   is then local, and `t3_attention` runs exactly as on one device (reshape partitions,
-  coinciding ones once). One all-to-all sends the
-  output back. Per layer each device sends (D-1)/D of four [N/D, h, d] tensors, half of
-  what exchanging whole windows per partition costs, with no gathers or scatters.
+  coinciding ones once). One all-to-all sends the output back. Per layer each device sends
+  (D-1)/D of four [N/D, h, d] tensors, half of what exchanging whole windows per partition
+  costs, with no gathers or scatters. Heads that don't divide by D are padded with zero
+  heads (their outputs are zeros, dropped).
 
   stages > 1 splits the heads into up to that many groups (the most <= stages that divide
   h into groups of a multiple of D), exchanged and attended one after another:
@@ -225,41 +227,51 @@ def head_parallel_attention(q, k, v, grid, blocks, implementation, axis: str, de
   (a static pipeline of a few stages; on 2 H200s at 4K, 3 stages are 3% faster than 1).
   """
   heads = q.shape[2]
-  stages = max(s for s in range(1, stages + 1) if heads % (s * devices) == 0)  # the most that divide
-  per = heads // stages
+  padded = -(-heads // devices) * devices
+  if padded != heads:
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - heads), (0, 0)))
+    q, k, v = pad(q), pad(k), pad(v)
+  stages = max(s for s in range(1, stages + 1) if padded % (s * devices) == 0)  # the most that divide
+  per = padded // stages
   outs = []
   for s in range(stages):
     part = slice(s * per, (s + 1) * per)
     qkv = jnp.stack([q[:, :, part], k[:, :, part], v[:, :, part]], axis=2)  # [B, N/D, 3, per, d]
     qkv = jax.lax.all_to_all(qkv, axis, split_axis=3, concat_axis=1, tiled=True)  # [B, N, 3, per/D, d]
-    out = t3_attention_lib.t3_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], grid, blocks, implementation)
+    out = t3_attention_lib.t3_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], grid, blocks, implementation,
+                                        target=target)
     outs.append(jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True))  # [B, N/D, per, d]
-  return outs[0] if stages == 1 else jnp.concatenate(outs, axis=2)
+  out = outs[0] if stages == 1 else jnp.concatenate(outs, axis=2)
+  return out[:, :, :heads]
 
 
-def sharded_t3_attention(mesh: Mesh, collective: str = "auto", relayout: str = "auto",
-                         stages: int = 3) -> Callable:
-  """t3_attention for q, k, v sharded [batch, tokens, heads, head_dim] over
-  ("batch", "tokens", "heads", None); same signature and result as
-  `t3_jax.attention.t3_attention`.
+# "auto" pads heads up to a multiple of the sequence shards while that adds at most this
+# fraction of attention work; beyond it, whole windows are exchanged instead.
+MAX_HEAD_PADDING = 1 / 3
+
+
+def sharded_t3_attention(mesh: Mesh, axis: str, spec: PartitionSpec, head_shards: int = 1,
+                         collective: str = "auto", relayout: str = "auto", stages: int = 3,
+                         target: t3_attention_lib.Target | None = None) -> Callable:
+  """t3_attention for q, k, v [batch, tokens, heads, head_dim] laid out as `spec` on `mesh`,
+  the tokens split over the mesh axis `axis` (the heads over `head_shards` devices); same
+  signature and result as `t3_jax.core.attention.t3_attention`.
 
   relayout: how each device comes to hold whole windows.
     "heads"   one all-to-all gives each device all tokens of heads/D heads
-              (`head_parallel_attention`); needs the local heads to divide by D.
+              (`head_parallel_attention`; heads padded up to a multiple of D).
     "windows" each device receives whole (window, head group) units per partition and
               attends them with `attention.attend`; works for any head count.
               collective: "auto" (all-to-all when the exchange is balanced, else
               collective-permutes), "all_to_all" or "ppermute".
-    "auto"    "heads" where the heads divide, else "windows" (logged once).
+    "auto"    "heads" unless padding the heads would add more than MAX_HEAD_PADDING of
+              attention work, then "windows" (said once in the log).
   stages: at most this many head groups pipelined by the "heads" re-layout
     (`head_parallel_attention`).
   """
   check_layout_options(relayout, collective)
-  devices = axis_size(mesh, "tokens")
-  spec = logical_to_spec(mesh, ("batch", "tokens", "heads", None))
-  axis = _mesh_axes(mesh, "tokens")
-  if isinstance(axis, tuple):
-    raise ValueError(f"sharded_t3_attention needs one mesh axis for tokens, got {axis}")
+  devices = mesh.shape[axis]
+  target = target or t3_attention_lib.Target.of(mesh.devices)
 
   def attention(q, k, v, grid, blocks, implementation=None, **unused):
     grid, blocks = tuple(int(g) for g in grid), tuple(int(n) for n in blocks)
@@ -268,20 +280,23 @@ def sharded_t3_attention(mesh: Mesh, collective: str = "auto", relayout: str = "
     if q.shape[1] != num_tokens:
       raise ValueError(f"q has {q.shape[1]} tokens, but grid {grid} has {num_tokens}")
     if devices == 1:
-      return t3_attention_lib.t3_attention(q, k, v, grid, blocks, implementation)
+      return t3_attention_lib.t3_attention(q, k, v, grid, blocks, implementation, target=target)
     if num_tokens % devices:
       raise ValueError(f"{num_tokens} tokens don't split over {devices} sequence shards: choose a sequence axis size dividing the token count")
-    local_heads = q.shape[2] // axis_size(mesh, "heads")
-    use_heads = relayout == "heads" or (relayout == "auto" and local_heads % devices == 0)
+    local_heads = q.shape[2] // head_shards
+    padding = -(-local_heads // devices) * devices / local_heads - 1
+    use_heads = relayout == "heads" or (relayout == "auto" and padding <= MAX_HEAD_PADDING + 1e-9)
     if use_heads:
-      if local_heads % devices:
-        raise ValueError(f"relayout='heads' needs the {local_heads} heads per device to divide by the {devices} sequence shards: use relayout='windows'")
-      body = functools.partial(head_parallel_attention, grid=grid, blocks=blocks,
-                               implementation=implementation, axis=axis, devices=devices, stages=stages)
+      if padding:
+        logs.warn_once(f"sequence parallel: {local_heads} heads per device padded to "
+                       f"{-(-local_heads // devices) * devices} for {devices} sequence shards "
+                       f"({padding:.0%} more attention work)")
+      body = functools.partial(head_parallel_attention, grid=grid, blocks=blocks, implementation=implementation,
+                               axis=axis, devices=devices, stages=stages, target=target)
       return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
     if relayout == "auto":
-      _log_once(f"sequence parallel: {local_heads} heads per device don't divide by {devices} sequence shards; "
-                "exchanging whole windows per partition instead of head groups (about twice the traffic)")
+      logs.warn_once(f"sequence parallel: padding {local_heads} heads per device for {devices} sequence shards "
+                     f"would add {padding:.0%} attention work; exchanging whole windows per partition instead")
     parts = [False] if windows.partitions_coincide(grid, blocks) else [False, True]
     plans = [_relayout_plan(grid, blocks, remote, devices, local_heads, collective) for remote in parts]
 
@@ -310,7 +325,8 @@ def sharded_t3_attention(mesh: Mesh, collective: str = "auto", relayout: str = "
         x = jnp.concatenate(call, axis=1)                               # [B, units, L, hg, 3, d]
         fold = lambda i: x[..., i, :].reshape(-1, *x.shape[2:4], x.shape[-1])
         lens = jnp.tile(jnp.concatenate(lens), batch) if plans[0]["padded"] else None
-        out = t3_attention_lib.attend(fold(0), fold(1), fold(2), lengths=lens, implementation=implementation)
+        out = t3_attention_lib.attend(fold(0), fold(1), fold(2), lengths=lens, implementation=implementation,
+                                      target=target)
         outs += jnp.split(out.reshape(x.shape[:4] + x.shape[-1:]), len(call), axis=1)
       results = []
       for out, route, plan in zip(outs, routes, plans):
@@ -322,11 +338,6 @@ def sharded_t3_attention(mesh: Mesh, collective: str = "auto", relayout: str = "
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
   return attention
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-  log.warning(message)
 
 
 def describe_relayout(grid, blocks, devices: int, heads: int, collective: str = "auto") -> list[dict]:

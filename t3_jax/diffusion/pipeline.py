@@ -18,7 +18,7 @@ What it does, as the T3-Video release does it (T3_REFERENCE.md section 4):
      the Wan VAE in spatial tiles (the release's command line: latent tiles (68, 120) every
      (34, 60)), then mapped from [-1, 1] to uint8.
 
-Several devices (`mesh=layout_lib.sampling_mesh(sequence, guidance_parallel)`): the DiT runs
+Several devices (`mesh=layout.sampling_mesh(sequence, guidance_parallel)`): the DiT runs
 sequence parallel (each video's tokens split over `sequence` devices; every self-attention
 exchanges head groups with two all-to-alls) and/or guidance parallel (the conditional and
 unconditional halves of the batch on two device groups); the VAE decodes its tiles on all the
@@ -63,7 +63,7 @@ from t3_jax.weights import engine
 from t3_jax.models import dit as dit_lib
 from t3_jax.diffusion import flow
 from t3_jax.parallel import mesh as mesh_lib
-from t3_jax.parallel import layout as layout_lib
+from t3_jax.parallel.layout import Layout
 from t3_jax.models import umt5 as umt5_lib
 from t3_jax.models import vae as vae_lib
 
@@ -285,8 +285,8 @@ class T3Pipeline:
   def __init__(self, dit: dit_lib.WanDiT, vae: vae_lib.WanVAE, text_encoder: umt5_lib.UMT5Encoder | None,
                tokenizer, *, text_len: int = umt5_lib.TEXT_LENGTH, random_weights: bool = False,
                mesh=None):
-    """mesh: `layout_lib.sampling_mesh(...)` to run the DiT sequence- and/or guidance-parallel
-    (the DiT must then be built with `layout_lib.sampling_dit_kwargs(mesh)`, as `from_checkpoints`
+    """mesh: `t3_jax.parallel.layout.sampling_mesh(...)` to run the DiT sequence- and/or guidance-parallel
+    (the DiT must then be built with `layout=Layout(mesh)`, as `from_checkpoints`
     and `random` do) and to decode the VAE tiles on all its devices; None: one device."""
     if dit.config.in_channels != vae.config.z_dim or dit.config.out_channels != vae.config.z_dim:
       raise ValueError(f"the DiT takes {dit.config.in_channels} latent channels but the VAE makes "
@@ -328,7 +328,7 @@ class T3Pipeline:
     tokenizer = umt5_lib.UMT5Tokenizer.from_dir(tokenizer_dir)
     dtype = as_dtype(dtype)
     dit = dit_lib.load_dit(dit_dir, attention=attention, schedule=schedule, dtype=dtype,
-                           implementation=implementation, **layout_lib.sampling_dit_kwargs(mesh))
+                           implementation=implementation, layout=Layout(mesh))
     vae = vae_lib.load_vae(vae_dir, dtype=dtype, param_dtype=jnp.float32)
     text_encoder = umt5_lib.load_umt5(umt5_dir, dtype=dtype, param_dtype=jnp.bfloat16)
     pipe = cls(dit, vae, text_encoder, tokenizer, text_len=text_len, mesh=mesh)
@@ -356,7 +356,7 @@ class T3Pipeline:
     dtype = as_dtype(dtype)
     start = time.perf_counter()
     dit = engine.random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
-                                             rngs=nnx.Rngs(0), **layout_lib.sampling_dit_kwargs(mesh)), seed)
+                                                    rngs=nnx.Rngs(0), layout=Layout(mesh)), seed)
     vae = engine.random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
     text_encoder = engine.random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
     pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)

@@ -29,15 +29,15 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t3_jax.core import attention as attention_lib
 from t3_jax.core import schedule as schedule_lib
+from t3_jax.parallel.layout import Layout
 from t3_jax.weights import engine
 
 f32 = jnp.float32
@@ -211,71 +211,30 @@ class Attention(nnx.Module):
   def _heads(self, x):  # [B, N, dim] -> [B, N, heads, head_dim]
     return x.reshape(*x.shape[:2], self.num_heads, -1)
 
-  def self_attention(self, x, rope, grid, blocks, attend=None):
-    """T3 window self-attention. x: [batch, T*H*W, dim] -> [batch, T*H*W, dim].
-
-    attend(q, k, v, grid, blocks) -> out, all [batch, tokens, heads, head_dim]; default
-    t3_attention.
-    """
+  def self_attention(self, x, rope, grid, blocks, layout: Layout, implementation=None):
+    """T3 window self-attention. x: [batch, T*H*W, dim] -> [batch, T*H*W, dim]."""
     q = self._heads(self.norm_q(self.q(x).astype(f32)))
     k = self._heads(self.norm_k(self.k(x).astype(f32)))
     v = self._heads(self.v(x))
     # RoPE before windowing: windows keep their tokens' global positions.
     q = apply_rope(q, rope).astype(self.dtype)
     k = apply_rope(k, rope).astype(self.dtype)
-    attend = attend or attention_lib.t3_attention
-    out = attend(q, k, v.astype(self.dtype), grid, blocks)
+    out = layout.self_attention(q, k, v.astype(self.dtype), grid, blocks, implementation)
     return self.o(out.reshape(x.shape))
 
-  def cross_attention(self, x, context, implementation=None, attend=None):
+  def cross_attention(self, x, context, layout: Layout, implementation=None):
     """Attention of the video tokens over the text. x: [batch, N, dim], context: [batch, L, dim]."""
     q = self._heads(self.norm_q(self.q(x).astype(f32))).astype(self.dtype)
     k = self._heads(self.norm_k(self.k(context).astype(f32))).astype(self.dtype)
     v = self._heads(self.v(context)).astype(self.dtype)
-    return self.o((attend or _dense_attention)(q, k, v, implementation).reshape(x.shape))
-
-
-def _dense_attention(q, k, v, implementation):
-  """Full softmax attention with unequal query/key lengths (cross-attention).
-
-  cuDNN where the chosen kernel is cuDNN; otherwise XLA, over chunks of queries when the
-  logits would be large (splash attention wants equal lengths; 512 keys are cheap for XLA).
-  q: [B, N, h, d], k, v: [B, L, h, d] -> [B, N, h, d].
-  """
-  impl = attention_lib.choose_implementation(implementation, q.dtype, q.shape[-1])
-  if impl == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  batch, _, heads, _ = q.shape
-  max_queries = max(1, attention_lib.XLA_MAX_LOGITS // (batch * heads * k.shape[1]))
-  return _over_token_chunks(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"),
-                            q, max_queries)
+    return self.o(layout.cross_attention(q, k, v, implementation).reshape(x.shape))
 
 
 # The FFN's hidden activations ([tokens, ffn_dim], 12 GB at 4K for Wan2.1-1.3B in bf16,
-# twice over with the GELU) set the forward's peak memory; above this many tokens the
-# FFN runs over chunks of tokens, one after another (the same matmuls, a fraction of
-# the memory).
+# twice over with the GELU) set the forward's peak memory; above this many tokens (per
+# device) the FFN runs over chunks of tokens, one after another (the same matmuls, a
+# fraction of the memory; Layout.token_chunks).
 FFN_CHUNK_TOKENS = 1 << 17
-
-
-def _over_token_chunks(fn, x, max_tokens=None):
-  """fn applied token-wise over [B, N, ...] in sequential chunks of at most max_tokens
-  (the FFN; the XLA cross-attention's queries).
-
-  Each chunk is rematerialised (jax.checkpoint) when differentiated: the backward pass
-  recomputes one chunk's hidden activations at a time instead of keeping all of them,
-  which would undo the chunking's memory saving in training. Without gradients it
-  changes nothing."""
-  max_tokens = max_tokens or FFN_CHUNK_TOKENS
-  batch, n = x.shape[:2]
-  chunks = -(-n // max_tokens)
-  while n % chunks:  # a chunk count that divides the tokens
-    chunks += 1
-  if chunks == 1:
-    return fn(x)
-  xs = jnp.moveaxis(x.reshape(batch, chunks, n // chunks, *x.shape[2:]), 1, 0)
-  out = jax.lax.map(jax.checkpoint(fn), xs)
-  return jnp.moveaxis(out, 0, 1).reshape(batch, n, *out.shape[3:])
 
 
 def _grouped(x, groups):  # [B, N, D] -> [B, G, N/G, D]: tokens that share a timestep
@@ -310,24 +269,23 @@ class Block(nnx.Module):
     self.modulation = nnx.Param(
         (jax.random.normal(rngs.params(), (1, 6, dim), f32) / dim**0.5).astype(param_dtype))
 
-  def __call__(self, x, context, e0, rope, grid: Triple, blocks: Triple, attend=None,
-               implementation=None, cross_attend=None, token_chunks=None, tokens=None):
+  def __call__(self, x, context, e0, rope, grid: Triple, blocks: Triple, layout: Layout | None = None,
+               implementation=None):
     """x: [B, N, dim]; context: [B, L, dim]; e0: [B, G, 6, dim] fp32 (G groups of tokens
     that share a timestep: 1, frames or tokens); rope: (cos, sin) [N, 1, head_dim/2];
-    attend: the self-attention function (see Attention.self_attention); implementation:
-    the cross-attention kernel. The layout hooks (see WanDiT; one device by default):
-    cross_attend(q, k, v, implementation), token_chunks(fn, x), tokens(x) on [B, N, dim]."""
-    tokens = tokens or (lambda a: a)
-    token_chunks = token_chunks or _over_token_chunks
+    layout: where the activations live (one device by default); implementation: the
+    attention kernel (None: the layout's devices decide)."""
+    layout = layout or Layout()
+    tokens = layout.tokens
     mod = self.modulation[...].astype(f32)[None] + e0                  # [B, G, 6, dim]
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, j, None] for j in range(6))
 
     h = tokens(_modulate(self.norm1, x, shift1, scale1)).astype(self.dtype)
-    x = tokens(_gated_add(x, self.self_attn.self_attention(h, rope, grid, blocks, attend), gate1))
+    x = tokens(_gated_add(x, self.self_attn.self_attention(h, rope, grid, blocks, layout, implementation), gate1))
     h = self.norm3(x.astype(f32)).astype(self.dtype)
-    x = x + self.cross_attn.cross_attention(h, context, implementation, cross_attend).astype(x.dtype)
+    x = x + self.cross_attn.cross_attention(h, context, layout, implementation).astype(x.dtype)
     h = tokens(_modulate(self.norm2, x, shift2, scale2)).astype(self.dtype)
-    return tokens(_gated_add(x, token_chunks(self.ffn, h), gate2))
+    return tokens(_gated_add(x, layout.token_chunks(self.ffn, h, FFN_CHUNK_TOKENS), gate2))
 
 
 class Head(nnx.Module):
@@ -390,10 +348,7 @@ class WanDiT(nnx.Module):
 
   def __init__(self, config: DiTConfig, *, attention: str = "t3", schedule=None,
                dtype=jnp.bfloat16, param_dtype=jnp.float32, remat: str = "none",
-               implementation: str | None = None, window_constraint: Callable | None = None,
-               attention_fn: Callable | None = None, token_constraint: Callable | None = None,
-               cross_attention_fn: Callable | None = None, token_chunks_fn: Callable | None = None,
-               rngs: nnx.Rngs):
+               implementation: str | None = None, layout: Layout | None = None, rngs: nnx.Rngs):
     """
     Args:
       attention: "t3" (window attention) or "full" (the pretrained model as it was).
@@ -402,19 +357,10 @@ class WanDiT(nnx.Module):
         applied cyclically by layer index (or "a,b,c;d,e,f").
       dtype: compute dtype; param_dtype: parameter dtype.
       remat: rematerialisation per layer, one of REMAT_POLICIES.
-      implementation: attention kernel (t3_jax.core.attention.choose_implementation).
-      window_constraint: passed to t3_attention (e.g. a sharding constraint).
-      attention_fn: replaces t3_attention; same signature (q, k, v, grid, blocks,
-        implementation=, window_constraint=), e.g. a sequence-parallel version.
-      token_constraint: f(x) applied to the patch tokens [B, T*H*W, C*pt*ph*pw] and, in
-        every block, to the modulated inputs and the residual stream [B, T*H*W, dim]
-        (e.g. a sharding constraint over the token axis).
-      cross_attention_fn: replaces the cross-attention kernel call, (q, k, v,
-        implementation) -> out, e.g. per device on sequence-sharded queries.
-      token_chunks_fn: replaces the FFN's loop over chunks of tokens, (fn, x) -> fn(x),
-        e.g. chunks of each device's own tokens.
-    The last four are the layout hooks of sequence parallelism:
-    `WanDiT(..., **t3_jax.parallel.dit_kwargs(mesh))` fills them in.
+      implementation: attention kernel (t3_jax.core.attention.choose_implementation; None:
+        the kernel of the layout's devices).
+      layout: where the activations live (t3_jax.parallel.layout.Layout; default one device):
+        `WanDiT(..., layout=Layout(mesh))` runs data, fsdp and sequence parallel.
     """
     if attention not in ("t3", "full"):
       raise ValueError(f"attention must be 't3' or 'full', got {attention!r}")
@@ -428,11 +374,7 @@ class WanDiT(nnx.Module):
     self.dtype = dtype
     self.remat = remat
     self.implementation = implementation
-    self.window_constraint = window_constraint
-    self.attention_fn = attention_fn
-    self.token_constraint = token_constraint
-    self.cross_attention_fn = cross_attention_fn
-    self.token_chunks_fn = token_chunks_fn
+    self.layout = layout or Layout()
 
     dim, kw = config.dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embedding = _dense(config.in_channels * math.prod(config.patch_size), dim, **kw)
@@ -465,9 +407,8 @@ class WanDiT(nnx.Module):
     grid = self.token_grid(latents.shape)
     num_tokens = math.prod(grid)
 
-    tokens = patchify(latents, cfg.patch_size)
-    if self.token_constraint is not None:
-      tokens = self.token_constraint(tokens)
+    self.layout.check_tokens(num_tokens)
+    tokens = self.layout.tokens(patchify(latents, cfg.patch_size))
     x = self.patch_embedding(tokens.astype(self.dtype))
 
     timesteps = jnp.asarray(timesteps)
@@ -479,14 +420,13 @@ class WanDiT(nnx.Module):
     e0 = self.time_projection(jax.nn.silu(e)).reshape(*e.shape[:2], 6, cfg.dim)  # [B, G, 6, dim]
 
     context = self.text_embedding(context.astype(self.dtype))
-    rope = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
+    rope = tuple(self.layout.token_table(r) for r in rope_tables(grid, cfg.head_dim, cfg.rope_theta))
     x = self._run_blocks(x, context, e0, rope, grid)
     if self.remat == "none":
       out = self.head(x, e)
     else:  # the head's fp32 intermediates ([B, N, dim] x 4: 16 GiB at 4K) are recomputed, not saved
       out = jax.checkpoint(lambda x, e: self.head(x, e))(x, e)
-    if self.token_constraint is not None:
-      out = self.token_constraint(out)
+    out = self.layout.tokens(out)
     return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
 
   def _run_blocks(self, x, context, e0, rope, grid):
@@ -494,14 +434,10 @@ class WanDiT(nnx.Module):
     per_layer, period = _resolve(self.attention, self.schedule, grid, self.config.num_layers,
                                  self.config.schedule_family)
     graphdef, state = nnx.split(self.blocks)  # every leaf: [num_layers, ...]
-    attend = functools.partial(self.attention_fn or attention_lib.t3_attention,
-                               implementation=self.implementation,
-                               window_constraint=self.window_constraint)
 
     def layer(blocks, layer_state, x, context, e0, rope):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, context, e0, rope, grid, blocks, attend, self.implementation,
-                   self.cross_attention_fn, self.token_chunks_fn, self.token_constraint)
+      return block(x, context, e0, rope, grid, blocks, self.layout, self.implementation)
 
     def make_layer(blocks, prevent_cse):
       fn = functools.partial(layer, blocks)
@@ -663,10 +599,13 @@ WEIGHTS = engine.ModelWeights(
 
 # ------------------------------------------------------------------------- loading
 
-def load_dit(ckpt_dir: str, *, param_dtype=None, **model_kwargs) -> WanDiT:
+def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bfloat16,
+             param_dtype=None, implementation: str | None = None, remat: str = "none",
+             layout: Layout | None = None) -> WanDiT:
   """A ready WanDiT from a t3-jax DiT checkpoint (made by convert_torch_weights.py).
 
-  param_dtype None keeps the checkpoint's dtype; model_kwargs go to WanDiT (attention,
-  schedule, dtype, remat, implementation and the layout hooks).
+  param_dtype None keeps the checkpoint's dtype (restored straight into it). Other
+  arguments as for WanDiT.
   """
-  return engine.load(WEIGHTS, ckpt_dir, param_dtype=param_dtype, **model_kwargs)
+  return engine.load(WEIGHTS, ckpt_dir, param_dtype=param_dtype, attention=attention, schedule=schedule,
+                     dtype=dtype, implementation=implementation, remat=remat, layout=layout)

@@ -1,12 +1,14 @@
 """Device mesh and logical axis rules.
 
-One mesh spans every device of every host, with four named axes (all Auto, so XLA's
+One mesh spans every device of every host, with three named axes (all Auto, so XLA's
 SPMD partitioner places what the rules don't pin down):
 
   data      pure data parallelism: a replica of the parameters per index
   fsdp      data parallelism with parameters and optimizer state sharded (ZeRO-3)
   sequence  the video's tokens split across devices (4K: 685,440 tokens)
-  tensor    optional head parallelism (size 1 unless asked for)
+
+There is no tensor (head / MLP) axis: at these model widths the sequence axis is the one
+that splits the 4K activations, and a head axis would only add collectives.
 
 Parameters are sharded over fsdp x sequence (the devices that hold different data),
 on their largest dimension that divides; activations follow LOGICAL_AXIS_RULES.
@@ -21,34 +23,30 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence")
 
 # The one table from logical axis names to mesh axes (None: replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),   # examples: data parallel over data x fsdp
     ("tokens", "sequence"),        # the video's latent tokens
-    ("windows", "sequence"),       # window units after the re-layout (sharded_t3_attention)
-    ("heads", "tensor"),
-    ("mlp", "tensor"),             # FFN hidden
-    ("embed", None),               # model width of activations
+    ("heads", None),               # attention heads of activations
     ("text", None),                # context tokens (512): small, replicated
-    ("layers", None),              # stacked block parameters: scanned, never sharded
     ("params", ("fsdp", "sequence")),  # the dimension a parameter is sharded on
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1,
-              devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh over all devices (all hosts): axes (data, fsdp, sequence, tensor).
+def make_mesh(data: int = 1, fsdp: int = -1, sequence: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over all devices (all hosts), or over `devices` (real or abstract): axes
+  (data, fsdp, sequence).
 
   One size may be -1: it takes the remaining devices. Axis types are Auto so that
   jitted code with sharded contracting dimensions is partitioned, not rejected.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [int(data), int(fsdp), int(sequence), int(tensor)]
+  sizes = [int(data), int(fsdp), int(sequence)]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes (data, fsdp, sequence, tensor) = {tuple(sizes)}: use positive sizes and at most one -1")
+    raise ValueError(f"mesh sizes (data, fsdp, sequence) = {tuple(sizes)}: use positive sizes and at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
@@ -59,9 +57,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1,
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def mesh_from_config(config) -> Mesh:
-  """Mesh from a ConfigDict with fields data, fsdp, sequence, tensor."""
-  return make_mesh(config.get("data", 1), config.get("fsdp", -1), config.get("sequence", 1), config.get("tensor", 1))
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """Mesh from a ConfigDict with fields data, fsdp, sequence (over `devices`, default all)."""
+  return make_mesh(config.get("data", 1), config.get("fsdp", -1), config.get("sequence", 1), devices=devices)
 
 
 def _mesh_axes(mesh: Mesh, logical: str | None):

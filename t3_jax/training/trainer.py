@@ -46,7 +46,7 @@ from t3_jax.diffusion import flow
 from t3_jax.training import lora as lora_lib
 from t3_jax.core import schedule as schedule_lib
 from t3_jax.parallel import mesh as mesh_lib
-from t3_jax.parallel import layout as layout_lib
+from t3_jax.parallel.layout import Layout
 from t3_jax.models import vae as vae_lib
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,17 @@ def latent_shape(config, dit_cfg: dit_lib.DiTConfig) -> tuple[int, int, int, int
 
 def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
   """(WanDiT, DiTConfig): abstract (ShapeDtypeStruct parameters) unless abstract=False.
-  With a mesh whose sequence axis is > 1 the DiT's self-attention is sequence-parallel."""
+  With a mesh the DiT is laid out over it (Layout: examples over data x fsdp, tokens over
+  sequence) and its attention kernel is chosen for the mesh's devices."""
   cfg = dit_config(config)
   m = config.model
+  layout = None if mesh is None else Layout(mesh, relayout=config.mesh.get("relayout", "auto"),
+                                            collective=config.mesh.get("collective", "auto"))
 
   def make(seed=0):
     return dit_lib.WanDiT(cfg, attention=m.attention, schedule=m.get("schedule"), dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), remat=m.remat,
-                          implementation=m.get("implementation", None), rngs=nnx.Rngs(seed),
-                          **layout_lib.dit_kwargs(mesh, config.mesh.get("collective", "auto"),
-                                               config.mesh.get("relayout", "auto")))
+                          implementation=m.get("implementation", None), layout=layout, rngs=nnx.Rngs(seed))
 
   return (nnx.eval_shape(make) if abstract else make(config.seed)), cfg
 
