@@ -174,9 +174,17 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 _ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True), "silu": jax.nn.silu}
 
 
-def _dense(in_features, out_features, *, dtype, param_dtype, rngs):
+def _axes(init, names):
+  """An initializer whose parameter carries logical axis names (mapped to mesh axes by
+  t3_jax.parallel.mesh.LOGICAL_AXIS_RULES; no mesh is needed to build the model)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _dense(in_features, out_features, axes, *, dtype, param_dtype, rngs):
+  """Linear layer; axes: logical names of its (in, out) dimensions, e.g. ("embed", "mlp")."""
   return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+                    kernel_init=_axes(nnx.initializers.xavier_uniform(), axes),
+                    bias_init=_axes(nnx.initializers.zeros_init(), axes[1:]), rngs=rngs)
 
 
 def _layer_norm(dim, eps, affine, *, param_dtype, rngs):
@@ -188,9 +196,10 @@ def _layer_norm(dim, eps, affine, *, param_dtype, rngs):
 class MLP(nnx.Module):
   """Linear - activation - Linear (Wan's text/time embeddings and FFN)."""
 
-  def __init__(self, in_features, hidden, out_features, activation, *, dtype, param_dtype, rngs):
-    self.fc1 = _dense(in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = _dense(hidden, out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, in_features, hidden, out_features, activation, axes, *, dtype, param_dtype, rngs):
+    """axes: logical names of (in, hidden, out)."""
+    self.fc1 = _dense(in_features, hidden, axes[:2], dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = _dense(hidden, out_features, axes[1:], dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.activation = activation
 
   def __call__(self, x):
@@ -204,7 +213,8 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.dtype = dtype
     for name in ("q", "k", "v", "o"):
-      setattr(self, name, _dense(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+      axes = ("heads", "embed") if name == "o" else ("embed", "heads")
+      setattr(self, name, _dense(dim, dim, axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     self.norm_q = nnx.RMSNorm(dim, epsilon=eps, dtype=f32, param_dtype=param_dtype, rngs=rngs)
     self.norm_k = nnx.RMSNorm(dim, epsilon=eps, dtype=f32, param_dtype=param_dtype, rngs=rngs)
 
@@ -265,7 +275,8 @@ class Block(nnx.Module):
     self.norm3 = _layer_norm(dim, eps, True, param_dtype=param_dtype, rngs=rngs)
     self.cross_attn = Attention(dim, config.num_heads, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm2 = _layer_norm(dim, eps, False, param_dtype=param_dtype, rngs=rngs)
-    self.ffn = MLP(dim, config.ffn_dim, dim, "gelu_tanh", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn = MLP(dim, config.ffn_dim, dim, "gelu_tanh", ("embed", "mlp", "embed"), dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
     self.modulation = nnx.Param(
         (jax.random.normal(rngs.params(), (1, 6, dim), f32) / dim**0.5).astype(param_dtype))
 
@@ -294,7 +305,7 @@ class Head(nnx.Module):
   def __init__(self, config: DiTConfig, *, param_dtype, rngs):
     dim = config.dim
     self.norm = _layer_norm(dim, config.eps, False, param_dtype=param_dtype, rngs=rngs)
-    self.linear = _dense(dim, config.out_channels * math.prod(config.patch_size), dtype=f32,
+    self.linear = _dense(dim, config.out_channels * math.prod(config.patch_size), ("embed", "patch"), dtype=f32,
                          param_dtype=param_dtype, rngs=rngs)
     self.modulation = nnx.Param(
         (jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5).astype(param_dtype))
@@ -328,7 +339,7 @@ def _stacked_blocks(config: DiTConfig, dtype, param_dtype, rngs) -> Block:
   """One Block whose parameters carry a leading [num_layers] axis."""
 
   @nnx.split_rngs(splits=config.num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def create(rngs):
     return Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -377,12 +388,12 @@ class WanDiT(nnx.Module):
     self.layout = layout or Layout()
 
     dim, kw = config.dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.patch_embedding = _dense(config.in_channels * math.prod(config.patch_size), dim, **kw)
-    self.text_embedding = MLP(config.text_dim, dim, dim, "gelu_tanh", **kw)
+    self.patch_embedding = _dense(config.in_channels * math.prod(config.patch_size), dim, ("patch", "embed"), **kw)
+    self.text_embedding = MLP(config.text_dim, dim, dim, "gelu_tanh", ("text_dim", "embed", "mlp"), **kw)
     # Time embedding and projection in float32, as Wan computes them.
     kw32 = dict(dtype=f32, param_dtype=param_dtype, rngs=rngs)
-    self.time_embedding = MLP(config.freq_dim, dim, dim, "silu", **kw32)
-    self.time_projection = _dense(dim, 6 * dim, **kw32)
+    self.time_embedding = MLP(config.freq_dim, dim, dim, "silu", ("freq", "embed", "mlp"), **kw32)
+    self.time_projection = _dense(dim, 6 * dim, ("embed", "mlp"), **kw32)
     self.blocks = _stacked_blocks(config, dtype, param_dtype, rngs)
     self.head = Head(config, param_dtype=param_dtype, rngs=rngs)
 
@@ -598,6 +609,12 @@ WEIGHTS = engine.ModelWeights(
 
 
 # ------------------------------------------------------------------------- loading
+
+def param_logical_axes(model: WanDiT) -> dict:
+  """The logical axis names of every parameter (a pure dict of PartitionSpecs of names,
+  e.g. blocks.ffn.fc1.kernel: ("layers", "embed", "mlp")), as the modules declared them."""
+  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.split(model)[1]))
+
 
 def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bfloat16,
              param_dtype=None, implementation: str | None = None, remat: str = "none",

@@ -25,13 +25,22 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "sequence")
 
-# The one table from logical axis names to mesh axes (None: replicated).
+# The one table from logical axis names to mesh axes (None: replicated). Activations are
+# named in the layout (t3_jax.parallel.layout), parameters where the model makes them.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
     ("batch", ("data", "fsdp")),   # examples: data parallel over data x fsdp
     ("tokens", "sequence"),        # the video's latent tokens
-    ("heads", None),               # attention heads of activations
+    ("heads", None),               # attention heads (and a projection's heads x head_dim)
     ("text", None),                # context tokens (512): small, replicated
-    ("params", ("fsdp", "sequence")),  # the dimension a parameter is sharded on
+    # parameters: ZeRO-3 over every device that holds other data (fsdp x sequence), on the
+    # model width; the other dimensions stay whole
+    ("embed", ("fsdp", "sequence")),
+    ("mlp", None),                 # FFN hidden, 6 x dim modulation
+    ("layers", None),              # stacked blocks: scanned, never sharded (a sharded slice
+                                   # would all-gather every layer)
+    ("patch", None), ("freq", None), ("text_dim", None),
+    ("params", ("fsdp", "sequence")),  # trees without declared axes (LoRA adapters): largest dim
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
@@ -133,16 +142,48 @@ def param_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False) -> P:
   return P()
 
 
+def logical_param_spec(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh) -> P:
+  """The PartitionSpec of a parameter whose dimensions have these logical names.
+
+  The first dimension whose name maps to mesh axes that divide it is sharded over them
+  (else over the larger single axis that divides); parameters under MIN_SHARDED_ELEMENTS
+  (per layer) stay replicated.
+  """
+  names = tuple(names) + (None,) * (len(shape) - len(names))
+  per_layer = math.prod(s for s, n in zip(shape, names) if n != "layers")
+  if per_layer < MIN_SHARDED_ELEMENTS:
+    return P()
+  for d, name in enumerate(names):
+    full = _mesh_axes(mesh, name)
+    if full is None:
+      continue
+    candidates = [full] + (sorted(full, key=lambda a: -mesh.shape[a]) if isinstance(full, tuple) else [])
+    for axes in candidates:
+      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+      if shape[d] % size == 0:
+        spec = [None] * len(shape)
+        spec[d] = axes
+        return P(*spec)
+  return P()
+
+
 def _is_stacked(path) -> bool:
   names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
   return any(n == "blocks" for n in names)
 
 
-def param_shardings(params, mesh: Mesh):
+def param_shardings(params, mesh: Mesh, logical=None):
   """NamedShardings for a parameter tree (arrays or ShapeDtypeStructs).
 
-  Leaves under a "blocks" key are stacked [num_layers, ...] and keep that axis whole.
+  logical: the same tree of logical axis names (PartitionSpecs of names, as
+  `t3_jax.models.dit.param_logical_axes` gives them): each parameter is sharded as its
+  module declared. Without it (trees the models did not make, e.g. LoRA adapters), the
+  largest dimension that divides is sharded (`param_spec`), leaves under a "blocks" key
+  being stacked [num_layers, ...].
   """
+  if logical is not None:
+    return jax.tree.map(lambda x, names: NamedSharding(mesh, logical_param_spec(np.shape(x), tuple(names), mesh)),
+                        params, logical, is_leaf=lambda x: isinstance(x, P))
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, param_spec(np.shape(x), mesh, _is_stacked(path))), params)
 

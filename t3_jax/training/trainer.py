@@ -139,12 +139,19 @@ def make_optimizer(opt, total_steps: int):
 
 # ------------------------------------------------------------------------ shardings
 
-def state_shardings(abstract_state, mesh: Mesh):
-  """Params and optimizer moments sharded alike (fsdp over their largest dimension,
-  stacked layers kept whole); the step counters and the RNG key replicated."""
-  out = {k: jax.tree.map(lambda _: mesh_lib.replicated(mesh), v) for k, v in abstract_state.items()}
-  for k in ("params", "opt_state"):
-    out[k] = mesh_lib.param_shardings(abstract_state[k], mesh)
+def state_shardings(abstract_state, mesh: Mesh, tx=None, logical=None):
+  """Params and optimizer moments sharded alike; the step counters and the RNG key replicated.
+
+  logical: the params' logical axis names (`dit.param_logical_axes`; with `tx`, the optimizer
+  moments follow them); None: the largest dimension that divides (LoRA adapters)."""
+  replicated = mesh_lib.replicated(mesh)
+  out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
+  out["params"] = mesh_lib.param_shardings(abstract_state["params"], mesh, logical)
+  if logical is None:
+    out["opt_state"] = mesh_lib.param_shardings(abstract_state["opt_state"], mesh)
+  else:
+    out["opt_state"] = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], out["params"],
+                                             transform_non_params=lambda _: replicated)
   return out
 
 
@@ -358,10 +365,11 @@ def train_program(config, mesh: Mesh) -> TrainProgram:
       "rng": jax.ShapeDtypeStruct(key.shape, key.dtype),
       "skipped": jax.ShapeDtypeStruct((), jnp.int32),
   }
-  state_sharding = state_shardings(abstract_state, mesh)
+  logical = dit_lib.param_logical_axes(model)
+  state_sharding = state_shardings(abstract_state, mesh, tx, None if lora_alpha is not None else logical)
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
-  frozen_sharding = mesh_lib.param_shardings(frozen_abstract, mesh)
+  frozen_sharding = mesh_lib.param_shardings(frozen_abstract, mesh, logical if frozen_abstract else None)
 
   if int(config.checkpoint.every) < 0:
     raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), "
@@ -433,9 +441,10 @@ class Trainer:
     raise ValueError(f"data.kind must be 'synthetic' or 'latents', got {d.kind!r}")
 
   def _load_base_params(self, abstract: dict) -> dict:
-    """Pretrained DiT parameters (model.init_checkpoint), or a random init, sharded."""
+    """Pretrained DiT parameters (model.init_checkpoint), or a random init, sharded as the
+    step takes them (the frozen base under LoRA, else the trained params)."""
     path = self.config.model.get("init_checkpoint", None)
-    shardings = mesh_lib.param_shardings(abstract, self.mesh)
+    shardings = self.frozen_sharding if self.lora_alpha is not None else self.state_sharding["params"]
     if path:
       from t3_jax.weights import checkpoint as checkpoint_lib
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
@@ -455,7 +464,7 @@ class Trainer:
     base = self._load_base_params(abstract_params)
     if self.lora_alpha is not None:
       frozen = base
-      shard = mesh_lib.param_shardings(self.abstract_state["params"], self.mesh)
+      shard = self.state_sharding["params"]
       lora = jax.jit(lambda: lora_lib.init_lora(jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1),
                                                 abstract_params, self.lora.rank, self.lora.targets),
                      out_shardings=shard)()
