@@ -446,9 +446,9 @@ class Trainer:
     path = self.config.model.get("init_checkpoint", None)
     shardings = self.frozen_sharding if self.lora_alpha is not None else self.state_sharding["params"]
     if path:
-      from t3_jax.weights import checkpoint as checkpoint_lib
+      from t3_jax.weights import engine
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-      params, stored = checkpoint_lib.load_checkpoint(path, target, kind="dit")
+      params, stored = engine.restore_params(dit_lib.WEIGHTS, path, target)
       mismatch = {k: (stored.get(k), v) for k, v in self.dit_cfg.to_dict().items()
                   if k in stored and stored[k] != v}
       if mismatch:

@@ -365,10 +365,8 @@ def from_params(spec: ModelWeights, config, params: Mapping, *, param_dtype=None
   return nnx.merge(graphdef, state)
 
 
-def load(spec: ModelWeights, ckpt_dir: str, *, param_dtype=None, **kwargs) -> nnx.Module:
-  """The model of a t3-jax checkpoint of spec.kind: the abstract model is built once and
-  Orbax restores straight into it, in param_dtype (None: the dtype stored). kwargs go to
-  spec.build (compute dtype, attention, ...)."""
+def read_config(spec: ModelWeights, ckpt_dir: str) -> dict:
+  """The config.json of a t3-jax checkpoint of spec.kind; errors name the converter command."""
   try:
     stored = checkpoint_lib.read_config(ckpt_dir)
   except FileNotFoundError as e:
@@ -376,11 +374,27 @@ def load(spec: ModelWeights, ckpt_dir: str, *, param_dtype=None, **kwargs) -> nn
   if stored.get("kind") != spec.kind:
     raise ValueError(f"{ckpt_dir} holds a {stored.get('kind')!r} checkpoint, not a {spec.short_name or spec.name} "
                      f"({spec.kind!r}); to make one, {spec.make_hint}")
+  return stored
+
+
+def restore_params(spec: ModelWeights, ckpt_dir: str, target: Mapping) -> tuple[dict, dict]:
+  """(params, config.json) of a checkpoint of spec.kind, restored by Orbax straight into
+  `target` (ShapeDtypeStructs: their dtypes and shardings; Orbax casts as it reads, so
+  there is no second copy of the params on the host)."""
+  stored = read_config(spec, ckpt_dir)
+  params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, target)
+  return params, stored
+
+
+def load(spec: ModelWeights, ckpt_dir: str, *, param_dtype=None, **kwargs) -> nnx.Module:
+  """The model of a t3-jax checkpoint of spec.kind: the abstract model is built once and
+  the params are restored straight into it, in param_dtype (None: the dtype stored).
+  kwargs go to spec.build (compute dtype, attention, ...)."""
+  stored = read_config(spec, ckpt_dir)
   config = spec.config_type.from_dict(stored)
   param_dtype = jnp.dtype(stored.get("dtype", "float32") if param_dtype is None else param_dtype)
   graphdef, state = nnx.split(abstract_model(spec, config, param_dtype=param_dtype, **kwargs))
-  # Orbax casts as it reads: no second copy of the params on the host.
-  params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
+  params, _ = restore_params(spec, ckpt_dir, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
