@@ -142,7 +142,8 @@ def test_wan_layout_round_trip(hf_model, batch, hf_output):
   config = config_from_shapes({k: tuple(v.shape) for k, v in wan_sd.items()})
   assert config == tiny_config()
   from_wan = convert(wan_sd)
-  from_hf = convert(state_dict(hf_model))
+  from_hf, detected = engine.convert_state_dict(W, state_dict(hf_model))
+  assert detected.layout == "hf"
   jax.tree.map(np.testing.assert_array_equal, from_wan, from_hf)
   model = from_params(config, from_wan, dtype=jnp.float32, param_dtype=jnp.float32)
   context = np.asarray(umt5.encode_tokens(model, jnp.asarray(ids), jnp.asarray(mask)))
