@@ -6,6 +6,8 @@
   python sample.py --config=configs/t3_wan.py:5b --prompt "..."        T3-Video-Wan2.2-T2V-5B
   python sample.py --config=configs/t3_wan.py:demo --output_dir=/tmp/demo
       no weights needed: tiny RANDOM models (noise-like video), 9 frames at 128x256
+  python sample.py --config=configs/t3_wan.py --config.sample.random_init=wan2.1-t2v-1.3b --steps=3
+      no weights needed: the full-size models with RANDOM weights, to time a 4K run end to end
   python sample.py --config=configs/t3_wan.py --prompts_file=4K-World-Vision.json --output_dir=out
       a JSON list of {"prompt_en": ...} (or strings); with several processes
       (--distributed) each takes every process_count-th prompt
@@ -216,6 +218,8 @@ def validate(s) -> None:
   if s.attention not in ("t3", "full"):
     raise ValueError(f"attention must be 't3' or 'full', got {s.attention!r}")
   pipeline.as_dtype(s.dtype)
+  if s.random_init:
+    pipeline.random_configs(s.random_init, s.random_num_layers)  # a bad preset or layer count fails here
 
 
 def build_pipeline(s):
@@ -271,9 +275,12 @@ def run(s) -> None:
            else "")
         + f", latent {shape.latent}, tokens {pipe.token_grid(shape)}, {s.attention} windows per layer "
         f"(cycle) {list(pipe.window_pattern(shape))}, {s.steps} {s.sampler} steps, CFG {s.guidance}")
-  if pipe.random_weights:
+  if pipe.random_weights and s.random_init.startswith("tiny-"):
     print("demo: the weights are RANDOM (tiny untrained models), so the video is noise-like; "
           "it shows the pipeline running end to end, not a trained model")
+  elif pipe.random_weights:
+    print(f"the weights are RANDOM ({s.random_init} DiT, its VAE and umT5-XXL at their real sizes, "
+          f"untrained): the timings and memory are a real run's, the video is noise")
 
   totals = dict(load_s=pipe.load_seconds, text_s=0.0, compile_s=0.0, denoise_s=0.0, decode_s=0.0, write_s=0.0)
   start = time.perf_counter()

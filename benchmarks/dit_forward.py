@@ -15,7 +15,9 @@ block_until_ready):
     T3 forward's non-block part (embeddings, head), since it takes minutes;
   - each layer kind's self-attention alone (t3_attention), the rest of the block
     (linear layers, norms, cross-attention) being the difference;
-  - a bf16 8192^3 matmul, the MFU yardstick of this run.
+  - the MFU yardstick (benchmarks/yardstick.py), last, in the same process: the best of
+    several warmed bf16 GEMMs (8192^3 and the DiT's own 4K shapes, median of 20 each), and
+    the card's datasheet peak; MFU is reported against both.
 FLOPs are 2 x MACs from t3_jax.core.schedule.model_macs, coinciding partitions counted once.
 """
 
@@ -37,10 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t3_jax.core import attention
+from benchmarks import yardstick
+from t3_jax.core import attention, schedule, windows
 from t3_jax.models import dit
-from t3_jax.core import schedule
-from t3_jax.core import windows
 
 
 def timed(fn, *args, repeats=3, warmup=1):
@@ -54,14 +55,6 @@ def timed(fn, *args, repeats=3, warmup=1):
     out = jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times), out
-
-
-def matmul_tflops(n=8192, repeats=10):
-  keys = jax.random.split(jax.random.key(0), 2)
-  a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
-  f = jax.jit(lambda a, b: a @ b)
-  seconds, _ = timed(f, a, b, repeats=repeats, warmup=2)
-  return 2 * n**3 / seconds / 1e12
 
 
 def peak_bytes():
@@ -145,6 +138,8 @@ def main(argv=None):
   p.add_argument("--forward-only", action="store_true", help="only the whole T3 forward (time, memory)")
   p.add_argument("--attention-only", action="store_true",
                  help="only each layer kind's t3_attention, close and remote in one kernel call vs two")
+  p.add_argument("--no-yardstick", action="store_true", help="skip the GEMM yardstick (no MFU)")
+  p.add_argument("--gemm-repeats", type=int, default=20, help="timings per yardstick GEMM")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
 
@@ -193,15 +188,12 @@ def main(argv=None):
     print(f"guided denoising step (batch 2) {result['guided_step_s']:.3f} s, "
           f"peak {result['peak_bytes_guided_step'] / 2**30:.1f} GiB", flush=True)
 
+  t3_macs = schedule.model_macs(config, grid, per_layer, dedup=True)
+  result["t3_tflop"] = 2 * t3_macs["total"] / 1e12
+  result["t3_tflops"] = result["t3_tflop"] / result["t3_forward_s"]
   if args.forward_only:
-    print(json.dumps(result, indent=1, default=str))
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    return 0
+    return finish(args, result)
 
-  matmul = matmul_tflops()
-  result["matmul_tflops"] = matmul
   block, attn = block_fns(model, grid)
   kinds = list(dict.fromkeys(period)) + ([] if args.no_full else [(1, 1, 1)])
   layers = {}
@@ -219,11 +211,7 @@ def main(argv=None):
           f"({layers[str(blocks)]['attention_tflops']:.0f} TFLOP/s)", flush=True)
   result["layers"] = layers
 
-  t3_macs = schedule.model_macs(config, grid, per_layer, dedup=True)
   full_macs = schedule.model_macs(config, grid, schedule.resolve_schedule("full", None, grid, config.num_layers))
-  result["t3_tflop"] = 2 * t3_macs["total"] / 1e12
-  result["t3_tflops"] = result["t3_tflop"] / result["t3_forward_s"]
-  result["t3_mfu"] = result["t3_tflops"] / matmul
   sum_blocks = sum(layers[str(b)]["block_s"] for b in per_layer)
   result["t3_sum_of_blocks_s"] = sum_blocks
   result["non_block_s"] = max(0.0, result["t3_forward_s"] - sum_blocks)
@@ -234,6 +222,22 @@ def main(argv=None):
     result["full_forward_est_s"] = config.num_layers * full["block_s"] + result["non_block_s"]
     result["full_tflop"] = 2 * full_macs["total"] / 1e12
     result["speedup_vs_full"] = result["full_forward_est_s"] / result["t3_forward_s"]
+  return finish(args, result)
+
+
+def finish(args, result):
+  """The yardstick last (its 12 GB operands stay out of the measured peaks), MFU, the JSON."""
+  if not args.no_yardstick:
+    print("MFU yardstick (same process):", flush=True)
+    result["yardstick"] = yardstick.measure(repeats=args.gemm_repeats)
+    result["t3_mfu"] = yardstick.mfu(result["t3_tflops"], result["yardstick"])
+    if "guided_step_s" in result:  # two forwards' FLOPs (batch 2) plus an elementwise update
+      result["guided_step_mfu"] = yardstick.mfu(2 * result["t3_tflop"] / result["guided_step_s"], result["yardstick"])
+    m = result["t3_mfu"]
+    print(f"T3 forward {result['t3_tflops']:.0f} TFLOP/s: MFU {m['vs_best_gemm']:.1%} of the best GEMM "
+          f"({result['yardstick']['best_gemm_tflops']:.0f} TFLOP/s)"
+          + ("" if m["vs_datasheet"] is None else
+             f", {m['vs_datasheet']:.1%} of the datasheet ({result['yardstick']['datasheet_tflops']:.0f})"), flush=True)
   print(json.dumps(result, indent=1, default=str))
   if args.json:
     with open(args.json, "w") as f:

@@ -12,6 +12,8 @@
 #   bash benchmarks/run_gpu.sh OUTDIR h100_4k # 4 x H100: 4K training, XLA's default memory, else 95%
 #   bash benchmarks/run_gpu.sh OUTDIR h100    # 4 x H100: 720P training on 1 and 2 GPUs and the 4K VAE
 #                                             # decode, side by side on GPUs 0 / 2-3 / 1
+#   bash benchmarks/run_gpu.sh OUTDIR full4k  # one GPU: the 4K forwards with the GEMM yardstick, and
+#                                             # sample.py at 4K with full-size random models, 3 steps
 set -u
 out=${1:-out}
 phase=${2:-a}
@@ -75,6 +77,13 @@ elif [ "$phase" = h100 ]; then
   ( export CUDA_VISIBLE_DEVICES=1; step vae21_release 260 python3 benchmarks/vae_decode.py --version wan2.1 \
     --repeats 1 --tile 68,120 --stride 34,60 ) &
   wait
+elif [ "$phase" = full4k ]; then
+  step dit4k 210 python3 benchmarks/dit_forward.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --no-full \
+    --repeats 3 --json "$out/h200_wan21_4k_yardstick.json"
+  step sample4k 300 python3 benchmarks/sample_stages.py --json "$out/h200_sample4k_random_3steps.json" -- \
+    --config=configs/t3_wan.py --config.sample.random_init=wan2.1-t2v-1.3b --steps=3 --output_dir=/tmp/sample4k
+  step dit5b 110 python3 benchmarks/dit_forward.py --preset wan2.2-ti2v-5b --grid 21,68,120 --forward-only \
+    --repeats 3 --json "$out/h200_wan22_4k_yardstick.json"
 elif [ "$phase" = four ]; then
   step multi_gpu4 130 python3 benchmarks/multi_gpu.py --preset wan2.1-t2v-1.3b --grid 21,136,240 --layers 10 \
     --relayouts heads/3 --repeats 3 --json "$out/multi_gpu4.json"

@@ -111,8 +111,10 @@ def _base() -> ml_collections.ConfigDict:
   c.sample.vae_checkpoint = WAN21_VAE
   c.sample.umt5_checkpoint = UMT5_XXL
   c.sample.tokenizer_dir = UMT5_TOKENIZER  # the google/umt5-xxl/ folder of a Wan release
-  c.sample.random_init = ""      # "tiny-wan2.1"/"tiny-wan2.2": random tiny models, no checkpoints (demo)
-  c.sample.random_num_layers = 5
+  # Random weights, no checkpoints: "tiny-wan2.1"/"tiny-wan2.2" (tiny models, the demo) or a DiT
+  # preset ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"): the DiT, its VAE and umT5-XXL at full size (timing).
+  c.sample.random_init = ""
+  c.sample.random_num_layers = 0  # DiT layers of a random_init model; 0 = the preset's
   c.sample.attention = "t3"      # or "full" (the pretrained Wan model as it was)
   c.sample.schedule = ml_collections.FieldReference(None, field_type=str)  # None: published/derived
   c.sample.implementation = ml_collections.FieldReference(None, field_type=str)  # attention kernel

@@ -6,7 +6,9 @@ loop, and does guidance and the Euler update in NumPy, with the release's schedu
 out from its formula.
 """
 
+import dataclasses
 import json
+import math
 import os
 
 import jax
@@ -16,7 +18,7 @@ import pytest
 from flax import nnx
 
 from t3_jax.diffusion import pipeline
-from t3_jax.models import umt5
+from t3_jax.models import dit, umt5, vae
 
 PROMPT = "a red fox running through fresh snow"
 
@@ -147,3 +149,71 @@ def test_multi_device_sampling_equals_one_device(run_on_fake_devices):
   assert result["latents"] < 1e-5 * result["latents_scale"], result
   assert result["frames"] <= 1 and result["frames_shape"] == [5, 64, 64, 3], result
   assert "all-to-all" in result["collectives"], result  # the tokens really were split
+
+
+def n_params(module):
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def param_dtypes(module):
+  return {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(module, nnx.Param))}
+
+
+@pytest.mark.parametrize("preset, vae_preset, latent, grid", [
+    ("wan2.1-t2v-1.3b", "wan2.1", (16, 21, 272, 480), (21, 136, 240)),
+    ("wan2.2-ti2v-5b", "wan2.2", (48, 21, 136, 240), (21, 68, 120)),
+])
+def test_random_full_presets_build_the_real_models(preset, vae_preset, latent, grid, monkeypatch):
+  """random_init's full presets, abstractly (nothing allocated): the DiT at its preset, the
+  family's VAE with its real latent statistics and umT5-XXL, stored as converted weights are
+  held (bf16 DiT and umT5, fp32 VAE), all drawn on the device; the 4K shape is the release's."""
+  drawn = []
+
+  def abstract_init(make, seed, *, on_device=False):
+    drawn.append(on_device)
+    return nnx.eval_shape(make)
+
+  monkeypatch.setattr(pipeline, "random_init", abstract_init)
+  pipe = pipeline.T3Pipeline.random(preset, dtype="bfloat16", text_len=512)
+  assert drawn == [True, True, True]
+  assert pipe.dit.config == dit.PRESETS[preset]
+  assert pipe.vae.config == vae.PRESETS[vae_preset] and pipe.vae_config.latents_std == vae.PRESETS[vae_preset].latents_std
+  assert pipe.text_encoder.config == umt5.UMT5Config.umt5_xxl()
+  assert param_dtypes(pipe.dit) == {jnp.dtype(jnp.bfloat16)} == param_dtypes(pipe.text_encoder)
+  assert param_dtypes(pipe.vae) == {jnp.dtype(jnp.float32)}
+  assert n_params(pipe.text_encoder) > 5.6e9  # umT5-XXL's encoder: 5.7 B parameters
+  assert (1.2e9 < n_params(pipe.dit) < 1.6e9) if preset.endswith("1.3b") else (4.5e9 < n_params(pipe.dit) < 5.5e9)
+  shape = pipe.video_shape(2176, 3840, 81)
+  assert shape.latent == latent and pipe.token_grid(shape) == grid
+  assert pipe.tokenizer(["\xff"], 4)[0].max() < pipe.text_encoder.config.vocab_size  # valid umT5-XXL ids
+
+  # A shallower DiT on request; bad presets and layer counts fail with the choices named.
+  assert pipeline.T3Pipeline.random(preset, num_layers=2, dtype="bfloat16").dit.config.num_layers == 2
+  with pytest.raises(ValueError, match="unknown random_init preset 'wan9'.*wan2.1-t2v-1.3b"):
+    pipeline.random_configs("wan9")
+  with pytest.raises(ValueError, match="num_layers must be a positive integer"):
+    pipeline.random_configs(preset, -1)
+
+
+def test_random_init_on_device_follows_the_host_rules():
+  """on_device=True draws each parameter in its own dtype (bf16 stays bf16) with the same rules
+  as the host path: matching per-leaf means and spreads, different draws per leaf and seed, the
+  same draws for the same seed."""
+  config = dataclasses.replace(dit.PRESETS["tiny-wan2.1"], dim=96, ffn_dim=192, num_heads=2)
+  make = lambda: dit.WanDiT(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  device = nnx.to_pure_dict(nnx.state(pipeline.random_init(make, 3, on_device=True), nnx.Param))
+  again = nnx.to_pure_dict(nnx.state(pipeline.random_init(make, 3, on_device=True), nnx.Param))
+  other = nnx.to_pure_dict(nnx.state(pipeline.random_init(make, 4, on_device=True), nnx.Param))
+  host = nnx.to_pure_dict(nnx.state(pipeline.random_init(make, 3), nnx.Param))
+  leaves = jax.tree_util.tree_leaves_with_path(device)
+  assert {leaf.dtype for _, leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+  jax.tree.map(np.testing.assert_array_equal, device, again)
+  seen = set()
+  for (path, d), h, o in zip(leaves, jax.tree.leaves(host), jax.tree.leaves(other)):
+    d, h = np.asarray(d, np.float64), np.asarray(h, np.float64)
+    assert not np.array_equal(d, np.asarray(o, np.float64)), path
+    assert d.tobytes() not in seen, path  # no two leaves share a draw
+    seen.add(d.tobytes())
+    if d.size >= 2000:  # enough samples for 10% agreement of the spread
+      assert abs(d.std() / h.std() - 1) < 0.1, (path, d.std(), h.std())
+      assert abs(d.mean() - h.mean()) < 0.1 * h.std() + 0.01 * abs(h.mean()), (path, d.mean(), h.mean())

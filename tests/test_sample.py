@@ -75,6 +75,9 @@ def test_demo_on_several_devices(tmp_path):
     (["--config=configs/t3_wan.py:demo", "--config.sample.sequence=2"], "needs 2 devices, this process has 1"),
     (["--config=configs/t3_wan.py:demo", "--config.sample.guidance_parallel=True", "--config.sample.guidance=1"],
      "guidance_parallel needs guidance != 1"),
+    (["--config=configs/t3_wan.py:demo", "--config.sample.random_init=wan2.1-1.3b"],
+     "unknown random_init preset 'wan2.1-1.3b': use one of tiny-wan2.1, tiny-wan2.2, wan2.1-t2v-1.3b"),
+    (["--config=configs/t3_wan.py:demo", "--config.sample.random_num_layers=-2"], "num_layers must be a positive"),
 ])
 def test_bad_input_fails_with_one_line(args, expect, tmp_path):
   (tmp_path / "prompts.json").write_text("[{\"prompt_en\": ", encoding="utf-8")

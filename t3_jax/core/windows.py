@@ -22,6 +22,7 @@ import functools
 import math
 from typing import Sequence
 
+import einops
 import jax.numpy as jnp
 import numpy as np
 
@@ -68,18 +69,21 @@ def num_windows(blocks: Sequence[int]) -> int:
 
 
 # --- Divisible grids: reshape + transpose (no gather), the fast path. ---
+#
+# Along an axis, close splits the index as (n, w): i = a*w + b; remote as (w, n): i = b*n + a.
+# Windows come out in (a_t, a_h, a_w) order, tokens inside a window in (b_t, b_h, b_w) order.
+_TOKENS = {False: "(nt wt nh wh nw ww)", True: "(wt nt wh nh ww nw)"}
+_WINDOWS = "(nt nh nw) (wt wh ww)"
+
+
+def _sizes(grid, blocks) -> dict:
+  (nt, nh, nw), (wt, wh, ww) = blocks, window_shape(grid, blocks)
+  return dict(nt=nt, nh=nh, nw=nw, wt=wt, wh=wh, ww=ww)
+
 
 def _split_axes(x, grid, blocks, remote: bool):
-  """[B, T*H*W, *F] -> [B, n_t, n_h, n_w, w_t, w_h, w_w, *F]."""
-  batch, feature = x.shape[0], x.shape[2:]
-  w = window_shape(grid, blocks)
-  # close: i = a*w + b -> split as (n, w); remote: i = b*n + a -> split as (w, n).
-  pairs = [(wi, ni) if remote else (ni, wi) for ni, wi in zip(blocks, w)]
-  x = x.reshape(batch, *pairs[0], *pairs[1], *pairs[2], *feature)
-  a_axes = (2, 4, 6) if remote else (1, 3, 5)
-  b_axes = (1, 3, 5) if remote else (2, 4, 6)
-  rest = tuple(range(7, 7 + len(feature)))
-  return x.transpose(0, *a_axes, *b_axes, *rest)
+  """[B, T*H*W, *F] -> [B, windows, tokens_per_window, *F] (NumPy or jnp)."""
+  return einops.rearrange(x, f"b {_TOKENS[remote]} ... -> b {_WINDOWS} ...", **_sizes(grid, blocks))
 
 
 def _partition(x, grid, blocks, remote: bool):
@@ -87,22 +91,12 @@ def _partition(x, grid, blocks, remote: bool):
     raise ValueError(f"blocks {tuple(blocks)} do not divide grid {tuple(grid)}: use window_indices (padding)")
   if x.shape[1] != math.prod(grid):
     raise ValueError(f"x has {x.shape[1]} tokens but grid {tuple(grid)} has {math.prod(grid)}")
-  x = _split_axes(x, grid, blocks, remote)
-  return x.reshape(x.shape[0], num_windows(blocks), -1, *x.shape[7:])
+  return _split_axes(x, grid, blocks, remote)
 
 
 def _merge(windows, grid, blocks, remote: bool):
-  batch, feature = windows.shape[0], windows.shape[3:]
-  w = window_shape(grid, blocks)
-  x = windows.reshape(batch, *blocks, *w, *feature)
-  # Inverse of _split_axes: interleave (a, b) per axis in the order the partition split them.
-  if remote:
-    order = (0, 4, 1, 5, 2, 6, 3)
-  else:
-    order = (0, 1, 4, 2, 5, 3, 6)
-  rest = tuple(range(7, 7 + len(feature)))
-  x = x.transpose(*order, *rest)
-  return x.reshape(batch, math.prod(grid), *feature)
+  """Inverse of _split_axes: [B, windows, tokens_per_window, *F] -> [B, T*H*W, *F]."""
+  return einops.rearrange(windows, f"b {_WINDOWS} ... -> b {_TOKENS[remote]} ...", **_sizes(grid, blocks))
 
 
 def close_windows(x, grid, blocks):

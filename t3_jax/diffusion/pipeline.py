@@ -274,6 +274,49 @@ def _vae_with_latent_stats(config: vae_lib.VAEConfig) -> vae_lib.VAEConfig:
                    "convert it again with convert_torch_weights.py --kind vae")
 
 
+random_init = engine.random_init  # the one random init (t3_jax.weights.engine), under its old name
+
+
+# What T3Pipeline.random builds: the tiny test models, or the DiT presets at full size.
+RANDOM_PRESETS = ("tiny-wan2.1", "tiny-wan2.2", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "wan2.1-t2v-14b")
+
+
+def random_configs(preset: str, num_layers: int | None = None, dtype="float32"):
+  """(DiT config, VAE config, umT5 config, {"dit"|"vae"|"umt5": dtype kwargs}) of a random pipeline.
+
+  Tiny presets: the DiT is made to fit the tiny VAE's latent channels and the tiny encoder's
+  width, the VAE gets identity latent statistics, every module computes and stores in `dtype`
+  (as before). Full presets: the DiT preset, its family's VAE preset (real latent statistics) and
+  umT5-XXL unchanged; parameters stored as `from_checkpoints` holds converted weights (DiT and
+  umT5 in bf16, the VAE in fp32), computing in `dtype`.
+  """
+  if preset not in RANDOM_PRESETS:
+    raise ValueError(f"unknown random_init preset {preset!r}: use one of {', '.join(RANDOM_PRESETS)}")
+  if num_layers is not None and (not isinstance(num_layers, (int, np.integer)) or num_layers < 0):
+    raise ValueError(f"num_layers must be a positive integer (or 0: the preset's), got {num_layers!r}")
+  dtype = as_dtype(dtype)
+  dit_config = dit_lib.DiTConfig.preset(preset)
+  if preset.startswith("tiny-"):
+    vae_config = vae_lib.get_config(preset)
+    vae_config = dataclasses.replace(vae_config, latents_mean=(0.0,) * vae_config.z_dim,
+                                     latents_std=(1.0,) * vae_config.z_dim)
+    umt5_config = dataclasses.replace(umt5_lib.UMT5Config.tiny(), vocab_size=ByteTokenizer.vocab_size)
+    dit_config = dataclasses.replace(dit_config, in_channels=vae_config.z_dim, out_channels=vae_config.z_dim,
+                                     text_dim=umt5_config.d_model)
+    dtypes = {"dit": {"dtype": dtype}, "vae": {"dtype": dtype}, "umt5": {"dtype": dtype}}
+  else:
+    vae_config = vae_lib.get_config(dit_config.family)
+    umt5_config = umt5_lib.UMT5Config.umt5_xxl()
+    # As from_checkpoints holds them: the DiT as the converter stores the release's (bf16), the
+    # VAE in fp32, umT5 in bf16 (load_umt5's storage), whatever the compute dtype.
+    dtypes = {"dit": {"dtype": dtype, "param_dtype": jnp.bfloat16},
+              "vae": {"dtype": dtype, "param_dtype": jnp.float32},
+              "umt5": {"dtype": dtype, "param_dtype": jnp.bfloat16}}
+  if num_layers:
+    dit_config = dataclasses.replace(dit_config, num_layers=int(num_layers))
+  return dit_config, vae_config, umt5_config, dtypes
+
+
 class T3Pipeline:
   """Text-to-video with a Wan DiT (T3 or full attention), the umT5 encoder and a Wan VAE.
 
@@ -339,27 +382,30 @@ class T3Pipeline:
   def random(cls, preset: str = "tiny-wan2.1", *, seed: int = 0, num_layers: int | None = None,
              attention: str = "t3", schedule=None, dtype="float32", text_len: int = 64,
              mesh=None) -> "T3Pipeline":
-    """Randomly initialised DiT, VAE and umT5 of a tiny preset (DEMO and tests only).
+    """Randomly initialised DiT, VAE and umT5 (DEMO, tests, and timing without weights).
 
-    preset: "tiny-wan2.1" or "tiny-wan2.2" (dit.PRESETS and vae.PRESETS share these names).
-    The DiT is made to fit the VAE's latent channels and the encoder's width; the VAE gets
-    identity latent statistics; the tokenizer is the byte-level ByteTokenizer. The videos are
-    noise-like: nothing here is trained.
+    preset: one of RANDOM_PRESETS.
+      - "tiny-wan2.1", "tiny-wan2.2": tiny models (dit.PRESETS and vae.PRESETS share these
+        names), drawn on the host; the VAE gets identity latent statistics.
+      - a full DiT preset ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "wan2.1-t2v-14b"): the DiT at
+        that preset, its family's Wan VAE and umT5-XXL, all at their real sizes, drawn on the
+        device in the dtypes `from_checkpoints` holds them in (bf16 DiT and umT5 parameters, fp32
+        VAE parameters), so a run times what a user's run with converted weights computes.
+    num_layers: a shallower DiT (None or 0: the preset's). The tokenizer is the byte-level
+    ByteTokenizer (its ids are valid umT5-XXL ids). The videos are noise-like: nothing here is trained.
     """
-    vae_config = vae_lib.get_config(preset)
-    vae_config = dataclasses.replace(vae_config, latents_mean=(0.0,) * vae_config.z_dim,
-                                     latents_std=(1.0,) * vae_config.z_dim)
-    umt5_config = dataclasses.replace(umt5_lib.UMT5Config.tiny(), vocab_size=ByteTokenizer.vocab_size)
-    dit_config = dataclasses.replace(
-        dit_lib.DiTConfig.preset(preset), in_channels=vae_config.z_dim, out_channels=vae_config.z_dim,
-        text_dim=umt5_config.d_model, num_layers=num_layers or dit_lib.DiTConfig.preset(preset).num_layers)
-    dtype = as_dtype(dtype)
+    dit_config, vae_config, umt5_config, dtypes = random_configs(preset, num_layers, dtype)
+    full = not preset.startswith("tiny-")
     start = time.perf_counter()
-    dit = engine.random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule, dtype=dtype,
-                                                    rngs=nnx.Rngs(0), layout=Layout(mesh)), seed)
-    vae = engine.random_init(lambda: vae_lib.WanVAE(vae_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 1)
-    text_encoder = engine.random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, dtype=dtype, rngs=nnx.Rngs(0)), seed + 2)
+    dit = engine.random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule,
+                                                    rngs=nnx.Rngs(0), layout=Layout(mesh), **dtypes["dit"]),
+                             seed, on_device=full)
+    vae = engine.random_init(lambda: vae_lib.WanVAE(vae_config, rngs=nnx.Rngs(0), **dtypes["vae"]), seed + 1,
+                             on_device=full)
+    text_encoder = engine.random_init(
+        lambda: umt5_lib.UMT5Encoder(umt5_config, rngs=nnx.Rngs(0), **dtypes["umt5"]), seed + 2, on_device=full)
     pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)
+    jax.block_until_ready(pipe._state)
     pipe.load_seconds = time.perf_counter() - start
     return pipe
 

@@ -31,6 +31,7 @@ import math
 import re
 from typing import Any, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -479,19 +480,15 @@ class WanDiT(nnx.Module):
 
 def patchify(latents, patch_size: Sequence[int]):
   """[B, C, F, H, W] -> [B, T*H'*W', C*pt*ph*pw] (Wan's token order; Conv3d weight order)."""
-  b, c, f, h, w = latents.shape
   pt, ph, pw = patch_size
-  x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
-  x = x.transpose(0, 2, 4, 6, 1, 3, 5, 7)
-  return x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+  return einops.rearrange(latents, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
 
 
 def unpatchify(x, grid: Sequence[int], patch_size: Sequence[int], channels: int):
   """[B, T*H*W, pt*ph*pw*C] -> [B, C, T*pt, H*ph, W*pw] (head features ordered (pt, ph, pw, C))."""
   (t, h, w), (pt, ph, pw) = grid, patch_size
-  x = x.reshape(x.shape[0], t, h, w, pt, ph, pw, channels)
-  x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
-  return x.reshape(x.shape[0], channels, t * pt, h * ph, w * pw)
+  return einops.rearrange(x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w,
+                          pt=pt, ph=ph, pw=pw, c=channels)
 
 
 # ------------------------------------------------------------------- torch layouts
