@@ -274,7 +274,8 @@ def _vae_with_latent_stats(config: vae_lib.VAEConfig) -> vae_lib.VAEConfig:
                    "convert it again with convert_torch_weights.py --kind vae")
 
 
-random_init = engine.random_init  # the one random init (t3_jax.weights.engine), under its old name
+# The one random init (t3_jax.weights.engine), under the name T3Pipeline.random calls (tests swap it).
+random_init = engine.random_init
 
 
 # What T3Pipeline.random builds: the tiny test models, or the DiT presets at full size.
@@ -397,13 +398,13 @@ class T3Pipeline:
     dit_config, vae_config, umt5_config, dtypes = random_configs(preset, num_layers, dtype)
     full = not preset.startswith("tiny-")
     start = time.perf_counter()
-    dit = engine.random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule,
-                                                    rngs=nnx.Rngs(0), layout=Layout(mesh), **dtypes["dit"]),
-                             seed, on_device=full)
-    vae = engine.random_init(lambda: vae_lib.WanVAE(vae_config, rngs=nnx.Rngs(0), **dtypes["vae"]), seed + 1,
-                             on_device=full)
-    text_encoder = engine.random_init(
-        lambda: umt5_lib.UMT5Encoder(umt5_config, rngs=nnx.Rngs(0), **dtypes["umt5"]), seed + 2, on_device=full)
+    dit = random_init(lambda: dit_lib.WanDiT(dit_config, attention=attention, schedule=schedule,
+                                             rngs=nnx.Rngs(0), layout=Layout(mesh), **dtypes["dit"]),
+                      seed, on_device=full)
+    vae = random_init(lambda: vae_lib.WanVAE(vae_config, rngs=nnx.Rngs(0), **dtypes["vae"]), seed + 1,
+                      on_device=full)
+    text_encoder = random_init(lambda: umt5_lib.UMT5Encoder(umt5_config, rngs=nnx.Rngs(0), **dtypes["umt5"]),
+                               seed + 2, on_device=full)
     pipe = cls(dit, vae, text_encoder, ByteTokenizer(), text_len=text_len, random_weights=True, mesh=mesh)
     jax.block_until_ready(pipe._state)
     pipe.load_seconds = time.perf_counter() - start
