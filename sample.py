@@ -13,7 +13,8 @@
       (--distributed) each takes every process_count-th prompt
 
 Every field of config.sample can be set with --config.sample.FIELD=VALUE (e.g.
---config.sample.crop_to_request=True, --config.sample.dit_checkpoint=DIR). The short flags
+--config.sample.crop_to_request=True, --config.sample.dit_checkpoint=DIR); the DiT's
+attention, schedule, kernel and dtype are config.model's (--config.model.attention=full). The short flags
 --prompt --prompts_file --output_dir --seed --steps --guidance --height --width --frames --fps
 --save_latents set the config.sample field of the same name and win over --config.sample.*.
 
@@ -30,18 +31,25 @@ a bad prompts file) prints one line `error: ...` and exits with status 2.
 import json
 import os
 import re
+import sys
 import warnings
 
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
+from t3_jax import cli
 from t3_jax.cli import USER_ERRORS, fail
+
+
+DEFAULT_CONFIG = "configs/t3_wan.py:default"
 
 
 def define_flags() -> None:
   """The command line (defined when run as a script, so importing this module defines nothing)."""
-  config_flags.DEFINE_config_file("config", "configs/t3_wan.py:default",
-                                  "config file[:variant] (see configs/t3_wan.py)")
+  try:  # without --config, the default config is loaded and overridden here, as the flag is defined
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "config file[:variant] (see configs/t3_wan.py)")
+  except Exception as e:
+    fail(cli.explain_flag_error(e, sys.argv, DEFAULT_CONFIG))
   flags.DEFINE_string("prompt", None, "text prompt (config.sample.prompt)")
   flags.DEFINE_string("prompts_file", None, "JSON list of {\"prompt_en\": ...} (config.sample.prompts_file)")
   flags.DEFINE_string("output_dir", None, "where the mp4 files go (config.sample.output_dir)")
@@ -63,58 +71,16 @@ SHORT_FLAGS = ("prompt", "prompts_file", "output_dir", "seed", "steps", "guidanc
 # ----------------------------------------------------------------------------- flags
 
 
-def _override_paths(argv):
-  return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-
-
-def _load_config_quietly(argv):
-  """The config that --config names, without overrides (to explain a failed override)."""
-  spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), "configs/t3_wan.py:default")
-  path, _, variant = spec.partition(":")
-  import importlib.util
-  module_spec = importlib.util.spec_from_file_location("_t3_sample_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def _explain_flag_error(error: Exception, argv) -> str:
-  if _override_paths(argv) and not isinstance(error, flags.Error):
-    try:
-      config = _load_config_quietly(argv)
-      for path in _override_paths(argv):
-        node, parts = config, path.split(".")
-        for k, part in enumerate(parts):
-          if not hasattr(node, "keys"):
-            return f"unknown config field {path!r}: {'.'.join(parts[:k])} is not a group of fields"
-          if part not in node:
-            where = ".".join(parts[:k]) or "the config"
-            return f"unknown config field {path!r}: {where} has {', '.join(sorted(node.keys()))}"
-          node = node[part]
-    except Exception:  # explaining must never hide the original error
-      pass
-    if isinstance(error, (AttributeError, KeyError)):
-      return f"unknown config field ({error}) in {' '.join(_override_paths(argv))}"
-  text = str(error).strip()
-  lines = [line for line in text.splitlines() if line.strip()]
-  if len(lines) > 1:  # a config file's traceback: its last line is the message
-    first = lines[0].split(": ", 1)[0] if lines[0].startswith("flag ") else ""
-    return f"{first}: {lines[-1].strip()}" if first else lines[-1].strip()
-  return text
-
-
 def parse_flags(argv):
-  argv = list(argv)
-  try:
-    return FLAGS(argv)
-  except SystemExit:
-    raise
-  except Exception as e:  # absl flag errors, config-file errors, unknown config fields
-    fail(_explain_flag_error(e, argv))
+  return cli.parse_flags(FLAGS, argv, DEFAULT_CONFIG)
 
 
 def sample_config():
-  """config.sample with the short flags applied."""
+  """config.sample with the short flags applied (the DiT's fields are config.model's)."""
+  if "sample" not in FLAGS.config:
+    raise ValueError(f"config variant {FLAGS.config.get('variant')!r} is not a sampling config (it has no sample "
+                     "group): sample with configs/t3_wan.py (T3-Video-Wan2.1-T2V-1.3B), :5b "
+                     "(T3-Video-Wan2.2-T2V-5B), :demo or :tiny (random tiny models)")
   sample = FLAGS.config.sample
   for name in SHORT_FLAGS:
     value = getattr(FLAGS, name)
@@ -199,7 +165,8 @@ def write_npy(path: str, array) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def validate(s) -> None:
+def validate(s, m) -> None:
+  """The sampling job's values (s: config.sample, m: config.model), checked before anything loads."""
   from t3_jax.diffusion import flow, pipeline
 
   pipeline.check_frames(s.frames)  # both Wan VAEs: temporal stride 4
@@ -215,35 +182,35 @@ def validate(s) -> None:
                      "request even sizes or set crop_to_request=False")
   if s.guidance_parallel and s.guidance == 1:
     raise ValueError("guidance_parallel needs guidance != 1 (two passes per step): set sample.guidance_parallel=False")
-  if s.attention not in ("t3", "full"):
-    raise ValueError(f"attention must be 't3' or 'full', got {s.attention!r}")
-  pipeline.as_dtype(s.dtype)
+  if m.attention not in ("t3", "full"):
+    raise ValueError(f"model.attention must be 't3' or 'full', got {m.attention!r}")
+  pipeline.as_dtype(m.dtype)
   if s.random_init:
     pipeline.random_configs(s.random_init, s.random_num_layers)  # a bad preset or layer count fails here
 
 
-def build_pipeline(s):
+def build_pipeline(s, m):
   from t3_jax.diffusion import pipeline
   from t3_jax.parallel import layout as layout_lib
 
   mesh = layout_lib.sampling_mesh(s.sequence, s.guidance_parallel)
   if s.random_init:
     return pipeline.T3Pipeline.random(s.random_init, seed=0, num_layers=s.random_num_layers,
-                                      attention=s.attention, schedule=s.schedule, dtype=s.dtype,
+                                      attention=m.attention, schedule=m.schedule, dtype=m.dtype,
                                       text_len=s.text_len, mesh=mesh)
   return pipeline.T3Pipeline.from_checkpoints(
-      s.dit_checkpoint, s.vae_checkpoint, s.umt5_checkpoint, s.tokenizer_dir, attention=s.attention,
-      schedule=s.schedule, dtype=s.dtype, implementation=s.implementation, text_len=s.text_len, mesh=mesh)
+      s.dit_checkpoint, s.vae_checkpoint, s.umt5_checkpoint, s.tokenizer_dir, attention=m.attention,
+      schedule=m.schedule, dtype=m.dtype, implementation=m.implementation, text_len=s.text_len, mesh=mesh)
 
 
-def run(s) -> None:
+def run(s, m) -> None:
   import time
 
   import jax
 
   from t3_jax.diffusion import pipeline
 
-  validate(s)
+  validate(s, m)
   prompts = load_prompts(s.prompts_file) if s.prompts_file else [s.prompt]
   if not all(isinstance(p, str) and p.strip() for p in prompts):
     raise ValueError("the prompt is empty: pass --prompt \"...\" or --prompts_file")
@@ -264,7 +231,7 @@ def run(s) -> None:
     print(f"nothing to do on process {rank}")
     return
 
-  pipe = build_pipeline(s)
+  pipe = build_pipeline(s, m)
   os.makedirs(s.output_dir, exist_ok=True)
   shape = pipe.video_shape(s.height, s.width, s.frames, s.size_multiple)
   print(f"{len(prompts)} prompt(s), {len(todo)} to generate on process {rank}/{world}; "
@@ -273,7 +240,7 @@ def run(s) -> None:
   print(f"video {shape.generated[1]}x{shape.generated[2]}x{shape.generated[0]}"
         + (f" (cropped to {s.height}x{s.width})" if s.crop_to_request and shape.generated[1:] != shape.requested[1:]
            else "")
-        + f", latent {shape.latent}, tokens {pipe.token_grid(shape)}, {s.attention} windows per layer "
+        + f", latent {shape.latent}, tokens {pipe.token_grid(shape)}, {m.attention} windows per layer "
         f"(cycle) {list(pipe.window_pattern(shape))}, {s.steps} {s.sampler} steps, CFG {s.guidance}")
   if pipe.random_weights and s.random_init.startswith("tiny-"):
     print("demo: the weights are RANDOM (tiny untrained models), so the video is noise-like; "
@@ -320,7 +287,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     s = sample_config()
-    run(s)
+    run(s, FLAGS.config.model)
   except USER_ERRORS as e:
     if os.environ.get("T3_TRACEBACK"):
       raise

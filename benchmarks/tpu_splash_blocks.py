@@ -67,6 +67,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="")
   parser.add_argument("--generations", default=",".join(GENERATIONS))
+  parser.add_argument("--chosen_only", action="store_true", help="compile only the blocks the rule picks")
   args = parser.parse_args()
   rows = []
   for gen in args.generations.split(","):
@@ -79,6 +80,8 @@ def main():
         for block in attention.SPLASH_BLOCKS:
           padded = -(-length // block) * block
           candidate = attention.SplashBlocks(padded, block, block, min(block, attention.SPLASH_MAX_KV_COMPUTE))
+          if args.chosen_only and candidate != chosen:
+            continue
           for grad in (False, True):
             row = {"generation": gen, "device_kind": device.device_kind, "model": model, "window_tokens": length,
                    "heads": heads, **dataclasses.asdict(candidate), "backward": grad,

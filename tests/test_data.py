@@ -200,6 +200,22 @@ def test_resume_from_state_continues_the_sequence(dataset):
     data.LatentLoader(out, 3, seed=2, process_index=0, process_count=1).set_state(state)
 
 
+def test_loaders_are_grain_pipelines_and_prefetch_changes_nothing(dataset):
+  import grain
+
+  out, _ = dataset
+  ahead, plain = (data.LatentLoader(out, 2, seed=4, process_index=0, process_count=1, prefetch=p) for p in (3, 0))
+  assert isinstance(ahead.dataset, grain.MapDataset)
+  for step in range(5):
+    got, expected = next(ahead), next(plain)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+    np.testing.assert_array_equal(ahead.batch(step)["index"], expected["index"])  # random access by step
+  assert ahead.get_state()["step"] == 5  # grain's position, read ahead or not
+  ahead.close()
+  plain.close()
+
+
 def test_synthetic_loader_is_deterministic_and_resumable():
   shape = (4, 3, 2, 2)
 

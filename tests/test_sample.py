@@ -55,6 +55,14 @@ def test_demo_writes_a_readable_mp4(tmp_path):
     assert any(line.startswith(stage) for line in stdout.splitlines()), (stage, stdout)
 
 
+def test_tiny_variant_samples_with_random_models(tmp_path):
+  """`tiny` configures both jobs: sample.py runs it on tiny random models (no weights)."""
+  out_dir = tmp_path / "tiny"
+  result = run_sample("--config=configs/t3_wan.py:tiny", f"--output_dir={out_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(mp4s(out_dir)) == 1 and "RANDOM" in result.stdout
+
+
 def test_demo_on_several_devices(tmp_path):
   """Sequence x guidance parallel on 4 fake CPU devices: the demo still writes its mp4."""
   out_dir = tmp_path / "demo4"
@@ -69,6 +77,10 @@ def test_demo_on_several_devices(tmp_path):
 @pytest.mark.parametrize("args, expect", [
     (["--config=configs/t3_wan.py:demo", "--config.sample.frames=80"], "frames must be 4k+1"),
     (["--config=configs/t3_wan.py:demo", "--config.sample.nope=1"], "unknown config field 'sample.nope'"),
+    (["--config.sample.nope=1"], "unknown config field 'sample.nope'"),  # the default config, overridden
+    (["--config=configs/t3_wan.py:demo", "--config.sample.attention=full"], "unknown config field 'sample.attention'"),
+    (["--config=configs/t3_wan.py:demo", "--config.model.attention=half"], "model.attention must be 't3' or 'full'"),
+    (["--config=configs/t3_wan.py:stage1"], "not a sampling config"),
     (["--config=configs/t3_wan.py", "--config.sample.dit_checkpoint={tmp}/missing"],
      "python convert_torch_weights.py SOURCE {tmp}/missing --kind dit"),
     (["--config=configs/t3_wan.py:demo", "--prompts_file={tmp}/prompts.json"], "not valid JSON"),

@@ -1,12 +1,15 @@
-"""Training: resume after SIGTERM, two processes, LoRA, skipped non-finite steps, configs.
+"""Training: resume after SIGTERM, two processes, LoRA, skipped non-finite steps, configs,
+metrics (metrics.jsonl, TensorBoard) and the command lines' errors and --help.
 
 Runs of train.py are subprocesses that share one XLA compilation cache, so each distinct
 step program compiles once per session.
 """
 
+import glob
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -54,6 +57,28 @@ def _losses(workdir):
   return [r["step"] for r in records], np.array([r["loss"] for r in records])
 
 
+def _tensorboard_losses(workdir):
+  """{step: loss} of train/loss as TensorBoard shows it: the event files read in order (a
+  TFRecord of Event protos), a file's purge step hiding the earlier files' events from it on."""
+  from tensorboardX.proto import event_pb2
+
+  shown = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")), key=os.path.getmtime):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4  # length, its crc, the record, its crc
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        shown = {k: v for k, v in shown.items() if k < event.step}
+      for value in event.summary.value:
+        if value.tag == "train/loss":
+          shown[event.step] = value.simple_value
+  return shown
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, env):
   """An uninterrupted tiny run of STEPS steps."""
@@ -80,10 +105,31 @@ def test_sigterm_then_resume_matches_uninterrupted(reference_run, tmp_path, env)
   assert 1 <= len(stopped) < STEPS, "the run should have stopped early on SIGTERM"
   assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [stopped[-1]]
 
-  _train(workdir, env)  # resumes from the SIGTERM checkpoint
+  proc = _train(workdir, env)  # resumes from the SIGTERM checkpoint
+  assert f"resumed from {workdir / 'checkpoints'} at step {stopped[-1]}" in proc.stderr  # INFO, shown by default
   steps, losses = _losses(workdir)
   assert steps == list(range(1, STEPS + 1))
   np.testing.assert_allclose(losses, reference, rtol=1e-6)
+
+
+def test_resume_from_an_older_checkpoint_logs_each_step_once(reference_run, tmp_path, env):
+  """A run that logged steps past its last checkpoint (a crash, a kill) resumes from that
+  checkpoint: metrics.jsonl and TensorBoard show each step once, with the resumed losses,
+  which equal the uninterrupted run's exactly."""
+  _, reference = _losses(reference_run)
+  workdir = tmp_path / "run"
+  _train(workdir, env, ["--config.total_steps=5", "--config.checkpoint.every=2", "--config.checkpoint.final=False"])
+  assert _losses(workdir)[0] == [1, 2, 3, 4, 5]
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [2, 4]
+  proc = _train(workdir, env)  # resumes at step 4: step 5 runs again
+  assert "at step 4" in proc.stderr
+  steps, losses = _losses(workdir)
+  assert steps == list(range(1, STEPS + 1))
+  np.testing.assert_allclose(losses, reference, rtol=1e-6)
+  shown = _tensorboard_losses(workdir)
+  assert sorted(shown) == steps
+  np.testing.assert_allclose([shown[s] for s in steps], losses, rtol=1e-6)  # float32 in the events
+  assert "tensorflow" not in sys.modules
 
 
 def test_two_processes_jax_distributed(reference_run, tmp_path, env):
@@ -104,6 +150,34 @@ def test_two_processes_jax_distributed(reference_run, tmp_path, env):
   assert steps == [1, 2]
   np.testing.assert_allclose(losses, reference[:2], rtol=1e-5)
   assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def test_two_processes_sigterm_on_one_stops_both_at_one_step(tmp_path, env):
+  """SIGTERM to one of two processes: JAX's preemption sync manager picks one step, both save it
+  (Orbax's reached_preemption; no collective of the trainer's per step) and exit 0."""
+  port = 20000 + (os.getpid() + 7) % 20000
+  workdir = tmp_path / "two"
+  procs = []
+  for i in range(2):
+    cmd = ["timeout", "-s", "KILL", "400", sys.executable, "train.py", f"--workdir={workdir}", *TRAIN_ARGS,
+           "--config.total_steps=3000", "--config.checkpoint.every=1000", "--config.mesh.fsdp=2", "--distributed",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 330
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  os.kill(procs[1].pid, signal.SIGTERM)  # `timeout` passes it on to its child
+  outs = [p.communicate(timeout=360) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  steps, _ = _losses(workdir)
+  assert 3 <= steps[-1] < 3000 and steps == list(range(1, steps[-1] + 1))
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [steps[-1]]
+  for _, err in outs:
+    assert f"preempted: checkpoint of step {steps[-1]} saved" in err
 
 
 def _tiny_config(**changes):
@@ -171,7 +245,23 @@ def test_lora_trains_adapters_and_merges(tmp_path):
 def test_configs():
   for variant in t3_wan.VARIANTS:
     config = t3_wan.get_config(variant)
-    assert config.optimizer.lr > 0 and config.sample.steps > 0
+    # Each variant holds the groups of its jobs only, and its values pass its job's checks.
+    assert ("optimizer" in config) == (variant in t3_wan.TRAIN_VARIANTS)
+    assert ("sample" in config) == (variant in t3_wan.SAMPLE_VARIANTS)
+    if variant in t3_wan.TRAIN_VARIANTS:
+      trainer.validate(config)
+      assert config.optimizer.lr > 0
+    else:
+      with pytest.raises(ValueError, match="not a training config"):
+        trainer.validate(config)
+    if variant in t3_wan.SAMPLE_VARIANTS:
+      assert config.sample.steps > 0
+      # The DiT's fields are the model's, not repeated in the sampling job.
+      assert not {"attention", "schedule", "implementation", "dtype"} & set(config.sample)
+  for variant in ("5b_stage1", "5b_stage2", "5b_stage2_lora"):  # they train the 5B
+    c = t3_wan.get_config(variant)
+    assert c.model.preset == "wan2.2-ti2v-5b" and trainer.dit_config(c).in_channels == 48
+    assert c.model.init_checkpoint in (t3_wan.WAN22_5B, t3_wan.STAGE1_5B)
   c = t3_wan.get_config("stage2")
   assert trainer.latent_shape(c, trainer.dit_config(c)) == (16, 21, 272, 480)
   assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.clip_norm) == (2e-5, 1e-2, 1.0)
@@ -179,6 +269,12 @@ def test_configs():
   assert trainer.latent_shape(c, trainer.dit_config(c)) == (48, 21, 136, 240) and c.lora.rank == 64
   with pytest.raises(ValueError, match="variant"):
     t3_wan.get_config("nope")
+  for field, value, message in (("total_steps", 0, "total_steps"), ("optimizer.schedule", "linear", "constant"),
+                                ("model.remat", "some", "remat"), ("data.kind", "video", "data.kind"),
+                                ("checkpoint.every", -1, "checkpoint.every"), ("model.dtype", "fp7", "dtype"),
+                                ("model.overrides.heads", 3, "unknown DiT fields"), ("data.height", 60, "VAE stride")):
+    with pytest.raises(ValueError, match=message):
+      trainer.validate(_tiny_config(**{field: value}))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -191,9 +287,56 @@ def test_train_bad_input_one_line_error(tmp_path, overrides, message):
   """The bare config (stage 1) with bad values: exit 2, one `error:` line naming the fix."""
   proc = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'w'}", *overrides], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/t3_wan.py:tiny", "--config.nope=1"], "unknown config field 'nope'"),
+    (["--config=configs/t3_wan.py:tiny", "--config.optimizer.nope=1"], "unknown config field 'optimizer.nope'"),
+    (["--config=configs/t3_wan.py:bad"], "unknown config variant 'bad'"),
+    (["--config=configs/t3_wan.py:5b"], ":5b_stage1"),  # sampling only: names the variants that train the 5B
+    (["--config=configs/t3_wan.py:tiny", "--config.total_steps=0"], "total_steps must be an integer >= 1"),
+    (["--config=configs/t3_wan.py:tiny", "--config.total_steps=-1"], "total_steps must be an integer >= 1"),
+    (["--config=configs/t3_wan.py:tiny", "--workdir={file}"], "exists and is not a directory"),
+    (["--config=configs/t3_wan.py:tiny", "--workdir="], "--workdir is missing"),
+    (["--config=configs/t3_wan.py:tiny"], "--workdir is missing"),
+])
+def test_train_cli_errors_create_nothing(tmp_path, env, args, message):
+  """Each bad command line: one `error:` line naming the fix, exit 2, no traceback, nothing written."""
+  regular_file = tmp_path / "a_file"
+  regular_file.write_text("not a workdir")
+  workdir = tmp_path / "w"
+  args = [a.format(file=regular_file) for a in args]
+  if not any(a.startswith("--workdir") for a in args) and message != "--workdir is missing":
+    args.append(f"--workdir={workdir}")
+  proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ["a_file"] and regular_file.read_text() == "not a workdir"
+
+
+@pytest.mark.parametrize("command", [
+    ["train.py"], ["sample.py"], ["convert_torch_weights.py"], ["-m", "t3_jax.training.data", "prepare"],
+    ["-m", "t3_jax.training.lora", "merge"],
+])
+def test_help_exits_0(command, env):
+  proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "usage" in proc.stdout.lower() or "flags:" in proc.stdout.lower(), proc.stdout[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_lora_imports_no_trainer():
+  """trainer imports lora; lora (and its merge command) must not import the trainer back."""
+  proc = subprocess.run([sys.executable, "-c", "import sys, t3_jax.training.lora; "
+                         "print('t3_jax.training.trainer' in sys.modules)"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
 def test_train_out_of_device_memory_one_line_error(tmp_path, env):
@@ -209,7 +352,7 @@ def test_train_out_of_device_memory_one_line_error(tmp_path, env):
             "runpy.run_path('train.py', run_name='__main__')\n")
   proc = subprocess.run([sys.executable, "-c", script, f"--workdir={tmp_path / 'w'}", *TRAIN_ARGS], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 3 and len(errors) == 1, proc.stderr[-2000:]
   assert "55.26GiB" in errors[0] and "mesh.sequence" in errors[0] and "XLA_PYTHON_CLIENT_MEM_FRACTION" in errors[0]
   assert "Traceback" not in proc.stderr
@@ -221,6 +364,6 @@ def test_lora_merge_bad_input_one_line_error(tmp_path, env):
   proc = subprocess.run([sys.executable, "-m", "t3_jax.training.lora", "merge", "--ckpt", str(tmp_path / "nope"),
                          "--lora", str(tmp_path / "work"), "--output", str(tmp_path / "merged")],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 2 and len(errors) == 1 and "nope" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and not (tmp_path / "merged").exists()

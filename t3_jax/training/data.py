@@ -1,6 +1,6 @@
 """Training data: pre-encoded video latents and umT5 text embeddings.
 
-T3-Video trains on cached inputs (T3_REFERENCE.md section 3): every clip is encoded once by the
+T3-Video trains on cached inputs, as the paper does: every clip is encoded once by the
 Wan VAE and every caption once by umT5-XXL, and training reads only those arrays. This module
 writes such a cache and reads it back, with tensorflow-datasets' ArrayRecord format and without
 TensorFlow.
@@ -33,27 +33,27 @@ and the tokenizer folder google/umt5-xxl/ of a Wan release):
   --process-index 0..n-1: each encodes every n-th video into its own shard, and the last one to
   finish writes the metadata (or run `python -m t3_jax.training.data finalize --output OUT`).
 
-Training reads the folder with `LatentLoader`; `SyntheticLoader` has the same interface and makes
-random data for smoke tests and benchmarks.
+Training reads the folder with `LatentLoader` (a grain pipeline over the tfds ArrayRecord source:
+per-epoch shuffle, one slice of every global batch per process, prefetch threads, a checkpointable
+position); `SyntheticLoader` has the same interface and makes random data for smoke tests and
+benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
 import dataclasses
 import json
 import logging
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from t3_jax import cli
-
-logger = logging.getLogger(__name__)
+from t3_jax.logs import log
 
 DATASET_NAME = "t3_latents"
 SPLIT = "train"
@@ -263,7 +263,7 @@ def prepare_dataset(items: Sequence[VideoItem], output_dir: str | os.PathLike, e
           except ValueError as e:
             if not skip_bad:
               raise
-            logger.warning("Skipping %s: %s", item.source, e)
+            log.warning("Skipping %s: %s", item.source, e)
             skipped.append(item.source)
             bar.update()
             continue
@@ -289,7 +289,7 @@ def prepare_dataset(items: Sequence[VideoItem], output_dir: str | os.PathLike, e
   tmp = info_path.with_suffix(".tmp")
   tmp.write_text(json.dumps(info, indent=1))
   tmp.rename(info_path)  # atomic: finalize never sees half a file
-  logger.info("Wrote %d examples to %s (%d skipped).", written, shard_path, len(skipped))
+  log.info("Wrote %d examples to %s (%d skipped).", written, shard_path, len(skipped))
 
   done = [output_dir / _shard_info_name(i, process_count) for i in range(process_count)]
   if all(p.exists() for p in done):
@@ -331,7 +331,7 @@ def finalize_dataset(output_dir: str | os.PathLike) -> None:
       check_data=False,  # the check reads through TensorFlow
       disable_shuffling=True, description="T3-Video training cache: Wan VAE latents + umT5 context.",
       metadata=tfds.core.MetadataDict(metadata))
-  logger.info("Dataset %s: %d examples, latents %s.", output_dir, split.num_examples, latent_shape)
+  log.info("Dataset %s: %d examples, latents %s.", output_dir, split.num_examples, latent_shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,29 +350,36 @@ def _default_process(process_index: int | None, process_count: int | None) -> tu
   return process_index, process_count
 
 
-class _BatchLoader:
-  """Infinite iterator over numpy batches, indexed by a global step, with background prefetch.
+class _GrainLoader:
+  """Infinite iterator over this process's numpy batches: a grain pipeline indexed by global step.
 
-  Step s is a global batch of `batch_size_per_process * process_count` examples; this process gets
-  the slice `[process_index * b, (process_index + 1) * b)` of it. Batches are a pure function of
-  (seed, step), so `set_state(get_state())` resumes exactly, even on another number of processes
-  with the same global batch size. Subclasses implement `_example_ids(step)` and `_load(ids)`.
+  Global step s is a batch of G = `batch_size_per_process * process_count` example ids; this
+  process reads rows [process_index * b, (process_index + 1) * b) of it. The ids are a pure
+  function of (seed, s), so a resume is exact, even on another number of processes with the same
+  global batch. grain's threads read `prefetch` batches ahead; the iterator's grain state (its
+  next step) is what `get_state` returns for the checkpoint. Subclasses give `_global_ids()`
+  (a grain.MapDataset of int64 [G] id arrays, one per global step) and `_load(ids)`.
   """
 
   def __init__(self, batch_size_per_process: int, seed: int, process_index: int | None,
                process_count: int | None, prefetch: int):
+    import grain
+
     if batch_size_per_process < 1:
       raise ValueError(f"batch_size_per_process={batch_size_per_process} must be >= 1.")
+    if not 0 <= int(seed) < 2**32:
+      raise ValueError(f"seed={seed} must lie in [0, 2**32) (grain's shuffle seed).")
     self.batch_size_per_process = batch_size_per_process
     self.seed = int(seed)
     self.process_index, self.process_count = _default_process(process_index, process_count)
     self.global_batch_size = batch_size_per_process * self.process_count
-    self.prefetch = max(0, prefetch)
-    self._step = 0
-    self._pending: collections.deque = collections.deque()
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+    rows = slice(self.process_index * batch_size_per_process, (self.process_index + 1) * batch_size_per_process)
+    # Ids are cheap: the global batch is sliced before anything is read.
+    self.dataset = self._global_ids().map(lambda ids: ids[rows]).map(self._load)
+    options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(0, prefetch))
+    self._iterator = iter(self.dataset.to_iter_dataset(options))
 
-  def _example_ids(self, step: int) -> np.ndarray:
+  def _global_ids(self):
     raise NotImplementedError
 
   def _load(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -380,37 +387,21 @@ class _BatchLoader:
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's batch of global step `step` (does not move the iterator)."""
-    start = self.process_index * self.batch_size_per_process
-    return self._load(self._example_ids(step)[start:start + self.batch_size_per_process])
+    return self.dataset[int(step)]
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if not self._pool:
-      batch = self.batch(self._step)
-    else:
-      if not self._pending or self._pending[0][0] != self._step:
-        self._drop_pending()
-      ahead = self._step + len(self._pending)
-      while len(self._pending) <= self.prefetch:
-        self._pending.append((ahead, self._pool.submit(self.batch, ahead)))
-        ahead += 1
-      batch = self._pending.popleft()[1].result()
-    self._step += 1
-    return batch
-
-  def _drop_pending(self):
-    for _, future in self._pending:
-      future.cancel()
-    self._pending.clear()
+    return next(self._iterator)
 
   def _state_fields(self) -> dict[str, int]:
     return {"seed": self.seed, "global_batch_size": self.global_batch_size}
 
   def get_state(self) -> dict[str, int]:
-    """JSON-able position: the next global step, plus what must match to resume the same sequence."""
-    return {"step": self._step, **self._state_fields()}
+    """JSON-able position: the next global step (grain's next_index), plus what must match to
+    resume the same sequence."""
+    return {"step": int(self._iterator.get_state()["next_index"]), **self._state_fields()}
 
   def set_state(self, state: Mapping[str, int] | int) -> None:
     """Continues from `get_state()`'s result (or from a bare step number)."""
@@ -423,14 +414,12 @@ class _BatchLoader:
     step = int(state)
     if step < 0:
       raise ValueError(f"Loader step {step} must be >= 0.")
-    self._drop_pending()
-    self._step = step
+    self._iterator.set_state({"next_index": step})  # drops the batches read ahead
 
   def close(self) -> None:
-    self._drop_pending()
-    if self._pool:
-      self._pool.shutdown(wait=True)
-      self._pool = None
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
 
   def __enter__(self):
     return self
@@ -439,13 +428,14 @@ class _BatchLoader:
     self.close()
 
 
-class LatentLoader(_BatchLoader):
-  """Reads a prepared dataset, shuffled by epoch, one disjoint slice per process.
+class LatentLoader(_GrainLoader):
+  """Reads a prepared dataset (tfds ArrayRecord source, through grain), shuffled by epoch, one
+  disjoint slice per process.
 
-  Each epoch is a permutation of all examples drawn from (seed, epoch); global step s reads
-  positions [k * G, (k + 1) * G) of epoch s // steps_per_epoch's permutation (k = s mod
-  steps_per_epoch, G = global batch size), dropping the last N mod G examples of each epoch.
-  Within an epoch the processes' examples are disjoint and cover N - N mod G examples.
+  Each epoch is a permutation of all examples (grain's index shuffle, seeded by seed and epoch);
+  global step s reads positions [k * G, (k + 1) * G) of epoch s // steps_per_epoch's permutation
+  (k = s mod steps_per_epoch, G = global batch size), dropping the last N mod G examples of each
+  epoch. Within an epoch the processes' examples are disjoint and cover N - N mod G examples.
 
   Yields dicts of numpy arrays (b = batch_size_per_process):
     latents          float32 [b, C, F, H, W]
@@ -469,25 +459,25 @@ class LatentLoader(_BatchLoader):
     self.text_dim = builder.info.features["context"].shape[-1]
     self.text_len, self.dtype = text_len, np.dtype(dtype)
     self.num_examples = len(self.source)
-    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch)
-    self.steps_per_epoch = self.num_examples // self.global_batch_size
+    global_batch = batch_size_per_process * _default_process(process_index, process_count)[1]
+    self.steps_per_epoch = self.num_examples // global_batch
     if self.steps_per_epoch == 0:
       raise ValueError(f"{path} holds {self.num_examples} examples, fewer than one global batch of "
-                       f"{self.global_batch_size} ({batch_size_per_process} x {self.process_count} "
-                       "processes): lower the batch size or prepare more data.")
-    self._permutation = (None, None)  # (epoch, permutation): one epoch cached
+                       f"{global_batch} ({batch_size_per_process} per process): lower the batch size or "
+                       "prepare more data.")
+    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch)
+
+  def _global_ids(self):
+    import grain
+
+    used = self.steps_per_epoch * self.global_batch_size
+    # One epoch of global batches (the slice drops the last N mod G); repeat() reseeds the
+    # shuffle for every epoch.
+    return (grain.MapDataset.range(self.num_examples).shuffle(seed=self.seed)[:used]
+            .batch(self.global_batch_size, batch_fn=lambda ids: np.asarray(ids, np.int64)).repeat())
 
   def _state_fields(self) -> dict[str, int]:
     return {**super()._state_fields(), "num_examples": self.num_examples}
-
-  def epoch_permutation(self, epoch: int) -> np.ndarray:
-    if self._permutation[0] != epoch:
-      self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples))
-    return self._permutation[1]
-
-  def _example_ids(self, step: int) -> np.ndarray:
-    epoch, k = divmod(step, self.steps_per_epoch)
-    return self.epoch_permutation(epoch)[k * self.global_batch_size:(k + 1) * self.global_batch_size]
 
   def _load(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     examples = self.source.__getitems__([int(i) for i in ids])
@@ -509,7 +499,7 @@ class LatentLoader(_BatchLoader):
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in example.items()}
 
 
-class SyntheticLoader(_BatchLoader):
+class SyntheticLoader(_GrainLoader):
   """Random batches in `LatentLoader`'s format, for smoke tests and benchmarks.
 
   Example i of the global sequence is drawn from (seed, i) alone, so batches are reproducible
@@ -521,14 +511,17 @@ class SyntheticLoader(_BatchLoader):
                process_index: int | None = None, process_count: int | None = None, *,
                text_len: int = TEXT_LEN, text_dim: int = 4096, dtype: Any = np.float32,
                prefetch: int = 2):
-    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch)
     self.latent_shape, self.text_len, self.text_dim = tuple(latent_shape), text_len, text_dim
     self.dtype = np.dtype(dtype)
     self.steps_per_epoch = None  # endless
     self.metadata = {"synthetic": True}
+    super().__init__(batch_size_per_process, seed, process_index, process_count, prefetch)
 
-  def _example_ids(self, step: int) -> np.ndarray:
-    return np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size, dtype=np.int64)
+  def _global_ids(self):
+    import grain
+
+    g = self.global_batch_size
+    return grain.MapDataset.range(sys.maxsize // g).map(lambda s: np.arange(s * g, (s + 1) * g, dtype=np.int64))
 
   def _load(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     b = len(ids)
@@ -624,5 +617,5 @@ def main(argv: Iterable[str] | None = None) -> None:
 if __name__ == "__main__":
   try:
     main()
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    cli.fail(e, status=1)
+  except cli.USER_ERRORS as e:  # a missing video or model, a bad size, an existing output
+    cli.fail(e)

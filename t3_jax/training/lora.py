@@ -20,7 +20,6 @@ Command line:
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 from typing import Sequence
@@ -30,8 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from t3_jax import cli
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
@@ -148,12 +145,12 @@ def merge_checkpoint(ckpt: str, lora_dir: str, output: str, step: int | None = N
   ckpt: the base DiT checkpoint (t3_jax.weights.checkpoint layout). lora_dir: a training workdir
   (its latest step, or `step`) whose run trained LoRA adapters.
   """
+  from t3_jax.training import workdir as workdir_lib
   from t3_jax.weights import checkpoint as checkpoint_lib
-  from t3_jax.training import trainer as trainer_lib
 
   checkpoint_lib.check_output_dir(output, overwrite)  # before loading anything
   params, config = checkpoint_lib.load_checkpoint(ckpt, kind="dit")
-  adapters, meta = trainer_lib.load_trained_params(lora_dir, step)
+  adapters, meta = workdir_lib.load_trained_params(lora_dir, step)
   lora_meta = meta.get("lora") or {}
   if not lora_meta.get("rank"):
     raise ValueError(f"{lora_dir} holds a full fine-tune, not LoRA adapters: its params are already a DiT "

@@ -1,8 +1,9 @@
 """Training: T3 fine-tuning of a Wan DiT with flow matching (full or LoRA).
 
-The recipe is the paper's (T3_REFERENCE.md section 3): AdamW (lr 2e-5, weight decay
-1e-2, gradient clip 1.0), the release's flow-matching loss and timestep weights
-(`t3_jax.diffusion.flow`), steps with a non-finite loss or gradient skipped (and counted).
+The recipe is the paper's: AdamW (lr 2e-5, weight decay 1e-2, gradient clip 1.0), the
+release's flow-matching loss and timestep weights (`t3_jax.diffusion.flow`), steps with a
+non-finite loss or gradient skipped (and counted). `validate(config)` checks a training
+config's values, once, before anything is built.
 
 Train state, a plain pytree (what the Orbax checkpoint holds):
   step      int32    steps taken (skipped ones included: data and RNG move on)
@@ -16,17 +17,18 @@ model's dtype (bf16 for real use), rematerialisation per layer by the model's po
 `jax.jit` with explicit in/out shardings over one mesh (t3_jax.parallel).
 
 Checkpoints: Orbax CheckpointManager under workdir/checkpoints/<step>/ (async,
-keep-N): the train state, the data loader's position and a JSON of the run. Saved
-every `checkpoint.every` steps, at the end and on SIGTERM; a run in a workdir that
-holds checkpoints resumes from the latest.
+keep-N): the train state, the grain iterator's position and a JSON of the run
+(t3_jax.training.workdir). Saved every `checkpoint.every` steps, at the end and on
+preemption (SIGTERM): with several processes all of them stop at the step that JAX's
+preemption sync manager agrees on (`CheckpointManager.reached_preemption`, no collective of
+ours per step). A run in a workdir that holds checkpoints resumes from the latest; its
+metrics (metrics.jsonl, TensorBoard events) continue from that step, each step once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import signal
@@ -41,15 +43,17 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from t3_jax.models import dit as dit_lib
-from t3_jax.diffusion import flow
-from t3_jax.training import lora as lora_lib
 from t3_jax.core import schedule as schedule_lib
+from t3_jax.diffusion import flow
+from t3_jax.logs import log
+from t3_jax.models import dit as dit_lib
+from t3_jax.models import vae as vae_lib
 from t3_jax.parallel import mesh as mesh_lib
 from t3_jax.parallel.layout import Layout
-from t3_jax.models import vae as vae_lib
+from t3_jax.training import lora as lora_lib
+from t3_jax.training import workdir as workdir_lib
+from t3_jax.training.workdir import checkpoint_manager, load_trained_params  # noqa: F401  (the trainer's API)
 
-log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (matched on device_kind).
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("H20", 148e12),
@@ -89,6 +93,70 @@ def latent_shape(config, dit_cfg: dit_lib.DiTConfig) -> tuple[int, int, int, int
   return (dit_cfg.in_channels, (d.frames - 1) // st + 1, d.height // sh, d.width // sw)
 
 
+TRAINING_GROUPS = ("total_steps", "batch_size", "data", "flow", "optimizer", "lora", "mesh", "checkpoint")
+
+
+def validate(config) -> None:
+  """Checks a training config's values in one place, before anything is built or read.
+
+  Raises ValueError naming the field and the fix. What needs the devices (the mesh's sizes,
+  the batch over the mesh and the processes) is checked where the mesh is built, and what needs
+  files (init_checkpoint, data.path) where they are opened.
+  """
+  missing = [g for g in TRAINING_GROUPS if g not in config]
+  if missing:
+    raise ValueError(f"config variant {config.get('variant')!r} is not a training config (it has no "
+                     f"{', '.join(missing)}): train with configs/t3_wan.py:stage1, :stage2 or :stage2_lora "
+                     "(Wan2.1-T2V-1.3B), :5b_stage1, :5b_stage2 or :5b_stage2_lora (Wan2.2-TI2V-5B), or :tiny")
+  m, d, opt, lora, ck = config.model, config.data, config.optimizer, config.lora, config.checkpoint
+  fields = {f.name for f in dataclasses.fields(dit_lib.DiTConfig)}
+  unknown = sorted(set(m.get("overrides", None) or {}) - fields)
+
+  def positive_int(name, value, minimum=1):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+      raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+  positive_int("total_steps", config.total_steps)
+  positive_int("batch_size", config.batch_size)
+  positive_int("microbatches", config.microbatches, 0)  # 0: one example per batch shard per forward
+  positive_int("log_every", config.log_every)
+  positive_int("data.text_len", d.text_len)
+  positive_int("data.prefetch", d.get("prefetch", 2), 0)
+  positive_int("optimizer.warmup_steps", opt.warmup_steps, 0)
+  positive_int("lora.rank", lora.rank, 0)
+  positive_int("checkpoint.every", ck.every, 0)
+  positive_int("checkpoint.keep", ck.keep)
+  if not 0 <= int(config.seed) < 2**32:
+    raise ValueError(f"seed must lie in [0, 2**32), got {config.seed}")
+  if unknown:
+    raise ValueError(f"model.overrides has unknown DiT fields {unknown}: use fields of t3_jax.models.dit.DiTConfig")
+  if m.attention not in ("t3", "full"):
+    raise ValueError(f"model.attention must be 't3' or 'full', got {m.attention!r}")
+  if m.get("schedule") is not None:
+    schedule_lib.parse_schedule(m.schedule)
+  for name in ("dtype", "param_dtype"):
+    try:
+      jnp.dtype(m[name])
+    except TypeError:
+      raise ValueError(f"model.{name} {m[name]!r} is not a dtype: use e.g. 'bfloat16' or 'float32'") from None
+  if m.remat not in dit_lib.REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {sorted(dit_lib.REMAT_POLICIES)}, got {m.remat!r}")
+  latent_shape(config, dit_config(config))  # the preset exists and the video fits its VAE
+  if d.kind not in ("synthetic", "latents"):
+    raise ValueError(f"data.kind must be 'synthetic' or 'latents', got {d.kind!r}")
+  if not config.flow.shift > 0:
+    raise ValueError(f"flow.shift must be > 0, got {config.flow.shift}")
+  if opt.schedule not in ("constant", "cosine"):
+    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
+  if not opt.lr > 0 or opt.weight_decay < 0 or opt.clip_norm < 0:
+    raise ValueError(f"optimizer: lr must be > 0, weight_decay and clip_norm >= 0 (got {opt.lr}, "
+                     f"{opt.weight_decay}, {opt.clip_norm})")
+  if lora.rank:
+    lora_lib.parse_targets(lora.targets)
+    if not lora.alpha > 0:
+      raise ValueError(f"lora.alpha must be > 0, got {lora.alpha}")
+
+
 def build_model(config, abstract: bool = True, mesh: Mesh | None = None):
   """(WanDiT, DiTConfig): abstract (ShapeDtypeStruct parameters) unless abstract=False.
   With a mesh the DiT is laid out over it (Layout: examples over data x fsdp, tokens over
@@ -122,8 +190,8 @@ def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
     main = optax.constant_schedule(opt.lr)
   elif opt.schedule == "cosine":
     main = optax.cosine_decay_schedule(opt.lr, max(1, total_steps - warmup), alpha=opt.get("final_lr_ratio", 0.0))
-  else:
-    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
+  else:  # validate() allows only these two
+    raise AssertionError(opt.schedule)
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), main], [warmup])
@@ -172,18 +240,20 @@ def _check_process_rows(batch_sharding: NamedSharding, global_batch: int):
   want = set(range(jax.process_index() * b, (jax.process_index() + 1) * b))
   if rows != want:
     raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)[:4]}... but its loader reads "
-                     f"rows {sorted(want)[:4]}...: put the data/fsdp mesh axes across hosts (sequence and tensor within a host)")
+                     f"rows {sorted(want)[:4]}...: put the data/fsdp mesh axes across hosts (sequence within a host)")
 
 
 # ------------------------------------------------------------------------- the step
 
-def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alpha: float | None):
+def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alpha: float | None,
+                    microbatches: int | None = None):
   """step(state, frozen, batch) -> (state, metrics).
 
   frozen: the base parameters when training LoRA adapters, else {}.
   batch: {"latents": [B, C, F, H, W], "context": [B, L, text_dim]}; B = microbatches * micro.
+  microbatches: gradient accumulation steps (default config.microbatches).
   """
-  accum = int(config.microbatches)
+  accum = int(microbatches or config.microbatches)
   shift = float(config.flow.shift)
   round_bf16 = bool(config.flow.get("round_timesteps_to_bf16", False))
 
@@ -230,7 +300,8 @@ def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alph
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def keep(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     applied = state["step"] - state["skipped"]  # optax's step count: skipped steps don't advance it
     new_state = {
         "step": state["step"] + 1,
@@ -249,13 +320,24 @@ def make_train_step(graphdef, tx, schedule, config, mesh: Mesh | None, lora_alph
 # ------------------------------------------------------------------------ the trainer
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and stops at the next step boundary."""
+  """Whether to save and stop after a step, the same step on every process.
 
-  def __init__(self):
+  With several processes, JAX's preemption sync manager (started by jax.distributed, with its
+  own SIGTERM notifier) picks a step that every process reaches, and
+  `CheckpointManager.reached_preemption` says when it is here: no collective of ours per step.
+  A single process catches SIGTERM itself and stops after the step in flight.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager):
+    self.mngr = mngr
     self.requested = False
     self._previous = None
+    self._synced = jax.process_count() > 1
 
   def __enter__(self):
+    if self._synced:  # the sync manager's notifier holds SIGTERM: a handler here would replace it
+      return self
+
     def handler(signum, frame):
       self.requested = True
       log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
@@ -269,45 +351,9 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self) -> bool:
-    """Every process stops at the same step (any process's signal counts)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  ck = config.checkpoint
-  options = ocp.CheckpointManagerOptions(max_to_keep=ck.keep, enable_async_checkpointing=ck.get("async_save", True),
-                                         create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-                               item_names=("state", "data", "run"))
-
-
-def _checkpoint_dir(path: str) -> str:
-  path = os.path.abspath(path)
-  sub = os.path.join(path, "checkpoints")
-  return sub if os.path.isdir(sub) else path
-
-
-def load_trained_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
-  """(trained params as numpy, run JSON) of a training workdir's checkpoint (latest by default).
-
-  For a full fine-tune the params are a whole DiT; for LoRA, the adapters.
-  """
-  directory = _checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints under {workdir}: pass the --workdir of a training run")
-  mngr = ocp.CheckpointManager(directory, item_names=("state", "data", "run"),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{directory} holds no checkpoint steps")
-  run = mngr.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  mngr.close()
-  return jax.tree.map(np.asarray, state["params"]), run
+  def reached(self, step: int) -> bool:
+    """True when the run should save `step` and stop (every process gets the same answer)."""
+    return self.mngr.reached_preemption(step) if self._synced else self.requested
 
 
 @dataclasses.dataclass
@@ -340,6 +386,7 @@ class TrainProgram:
 
 def train_program(config, mesh: Mesh) -> TrainProgram:
   """Builds the train step of `config` on `mesh` (its devices may be abstract: nothing is allocated)."""
+  validate(config)
   model, dit_cfg = build_model(config, mesh=mesh)
   lshape = latent_shape(config, dit_cfg)
   graphdef, abstract_params = nnx.split(model)
@@ -371,21 +418,20 @@ def train_program(config, mesh: Mesh) -> TrainProgram:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
   frozen_sharding = mesh_lib.param_shardings(frozen_abstract, mesh, logical if frozen_abstract else None)
 
-  if int(config.checkpoint.every) < 0:
-    raise ValueError(f"checkpoint.every must be >= 0 (0: save only at the end and on SIGTERM), "
-                     f"got {config.checkpoint.every}")
   d = config.data
   global_batch = int(config.batch_size)
   per_device = mesh_lib.axis_size(mesh, "batch")
-  if global_batch % (config.microbatches * per_device) or global_batch % jax.process_count():
-    raise ValueError(f"batch_size {global_batch} must split into {config.microbatches} microbatches, each "
+  # microbatches 0: one example per batch shard per forward (the 4K jobs: memory for one video).
+  microbatches = int(config.microbatches) or max(1, global_batch // per_device)
+  if global_batch % (microbatches * per_device) or global_batch % jax.process_count():
+    raise ValueError(f"batch_size {global_batch} must split into {microbatches} microbatches, each "
                      f"divisible by the {per_device} batch shards (data x fsdp) and by {jax.process_count()} processes")
   batch_spec = {"latents": jax.ShapeDtypeStruct((global_batch, *lshape), jnp.float32),
                 "context": jax.ShapeDtypeStruct((global_batch, d.text_len, dit_cfg.text_dim), jnp.float32)}
   batch_sharding = mesh_lib.batch_shardings(batch_spec, mesh)
   batch_spec = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch_spec, batch_sharding)
 
-  step_fn = make_train_step(graphdef, tx, lr_schedule, config, mesh, lora_alpha)
+  step_fn = make_train_step(graphdef, tx, lr_schedule, config, mesh, lora_alpha, microbatches)
   step = jax.jit(step_fn, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                  out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   flops = global_batch * model_flops_per_example(model, dit_cfg, lshape, d.text_len)
@@ -426,19 +472,20 @@ class Trainer:
     from t3_jax.training import data as data_lib
     d = self.config.data
     per_process = self.global_batch // jax.process_count()
+    prefetch = int(d.get("prefetch", 2))
     if d.kind == "synthetic":
       return data_lib.SyntheticLoader(self.latent_shape, per_process, seed=self.config.seed,
-                                      text_len=d.text_len, text_dim=self.dit_cfg.text_dim)
-    if d.kind == "latents":
-      if not d.path:
-        raise ValueError("config.data.path is empty: prepare a dataset with `python -m t3_jax.training.data prepare ...` "
-                         "and pass --config.data.path=DIR (or --config.data.kind=synthetic for a smoke test)")
-      loader = data_lib.LatentLoader(d.path, per_process, seed=self.config.seed, text_len=d.text_len)
-      if tuple(loader.latent_shape) != tuple(self.latent_shape):
-        raise ValueError(f"{d.path} holds latents {loader.latent_shape}, the config's video makes {self.latent_shape}: "
-                         "set data.frames/height/width to the prepared size")
-      return loader
-    raise ValueError(f"data.kind must be 'synthetic' or 'latents', got {d.kind!r}")
+                                      text_len=d.text_len, text_dim=self.dit_cfg.text_dim, prefetch=prefetch)
+    if not d.path:
+      raise ValueError("config.data.path is empty: prepare a dataset with `python -m t3_jax.training.data prepare ...` "
+                       "and pass --config.data.path=DIR (or --config.data.kind=synthetic for a smoke test)")
+    loader = data_lib.LatentLoader(d.path, per_process, seed=self.config.seed, text_len=d.text_len,
+                                   prefetch=prefetch)
+    if tuple(loader.latent_shape) != tuple(self.latent_shape):
+      loader.close()
+      raise ValueError(f"{d.path} holds latents {loader.latent_shape}, the config's video makes {self.latent_shape}: "
+                       "set data.frames/height/width to the prepared size")
+    return loader
 
   def _load_base_params(self, abstract: dict) -> dict:
     """Pretrained DiT parameters (model.init_checkpoint), or a random init, sharded as the
@@ -472,7 +519,7 @@ class Trainer:
     else:
       frozen, params = {}, base
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
-    put = lambda x, s: jax.device_put(x, s)
+    put = jax.device_put
     state = {"step": put(jnp.int32(0), self.state_sharding["step"]), "params": params, "opt_state": opt_state,
              "rng": put(jax.random.PRNGKey(self.config.seed), self.state_sharding["rng"]),
              "skipped": put(jnp.int32(0), self.state_sharding["skipped"])}
@@ -492,23 +539,27 @@ class Trainer:
     """Trains to config.total_steps (resuming from the workdir's latest checkpoint).
     Returns the metrics of the steps run here."""
     cfg = self.config
+    # A fresh run loads its weights first: a bad init_checkpoint leaves no workdir behind.
+    try:
+      fresh = None if os.path.isdir(os.path.join(self.workdir, "checkpoints")) else self.initial_state()
+    except BaseException:
+      self.loader.close()
+      raise
     os.makedirs(self.workdir, exist_ok=True)
     mngr = checkpoint_manager(self.workdir, cfg)
-    total = int(cfg.total_steps)
     try:
       latest = mngr.latest_step()
       if latest is None:
-        state, frozen = self.initial_state()
+        state, frozen = fresh if fresh is not None else self.initial_state()
       else:
         restored = mngr.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()))
         state = restored["state"]
         self.loader.set_state(restored["data"])
         frozen = self._load_base_params(self.frozen_abstract) if self.lora_alpha is not None else {}
-        log.warning("resumed from %s at step %d", mngr.directory, latest)
+        log.info("resumed from %s at step %d", mngr.directory, latest)
       start = int(jax.device_get(state["step"]))
-      metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-      history = self._loop(state, frozen, mngr, start, total, metrics_path)
+      history = self._loop(state, frozen, mngr, start, int(cfg.total_steps))
       mngr.wait_until_finished()
       return history
     finally:
@@ -520,51 +571,59 @@ class Trainer:
                                             data=ocp.args.JsonSave(self.loader.get_state()),
                                             run=ocp.args.JsonSave(self._run_info())), force=force)
 
-  def _loop(self, state, frozen, mngr, start: int, total: int, metrics_path: str) -> list[dict]:
+  def _loop(self, state, frozen, mngr, start: int, total: int) -> list[dict]:
     cfg = self.config
     main = jax.process_index() == 0
     every = int(cfg.checkpoint.every)
     tokens_per_step = self.global_batch * math.prod(self.model.token_grid((1, *self.latent_shape)))
     peak = peak_flops(jax.devices()[0])
     history = []
-    progress = None
-    if main:
-      from tqdm import tqdm
-      progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not cfg.get("progress", True))
-    with _Preemption() as preemption, open(metrics_path, "a") if main else contextlib.nullcontext() as out:
-      last, last_step = time.perf_counter(), start  # the previous log record
-      for step in range(start, total):
-        local = next(self.loader)
-        batch = _global_batch(local, self.batch_sharding)
-        state, metrics = self.train_step(state, frozen, batch)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-          metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-          now = time.perf_counter()
-          seconds = (now - last) / (done - last_step)  # per step since the previous record
-          last, last_step = now, done
-          record = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                    "skipped_steps": int(metrics["skipped"]), "steps_per_s": 1.0 / seconds,
-                    "tokens_per_s": tokens_per_step / seconds,
-                    "mfu": (self.flops_per_step / seconds / (jax.device_count() * peak)) if peak else None}
-          if not metrics["finite"]:
-            log.warning("step %d: non-finite loss or gradient, update skipped", done)
-          history.append(record)
-          if main:
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            progress.set_postfix(loss=f"{record['loss']:.4f}", skipped=record["skipped_steps"])
+    progress = metrics_out = None
+    with _Preemption(mngr) as preemption:
+      if main:  # opened once SIGTERM is handled
+        from tqdm import tqdm
+        metrics_out = workdir_lib.MetricsWriter(self.workdir, start)
+        progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+                        disable=not cfg.get("progress", True))
+      try:
+        last, last_step = time.perf_counter(), start  # the previous log record
+        for step in range(start, total):
+          local = next(self.loader)
+          batch = _global_batch(local, self.batch_sharding)
+          state, metrics = self.train_step(state, frozen, batch)
+          done = step + 1
+          record = None
+          if done % cfg.log_every == 0 or done == total:
+            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            seconds = (now - last) / (done - last_step)  # per step since the previous record
+            last, last_step = now, done
+            record = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                      "skipped_steps": int(metrics["skipped"]), "steps_per_s": 1.0 / seconds,
+                      "tokens_per_s": tokens_per_step / seconds,
+                      "mfu": (self.flops_per_step / seconds / (jax.device_count() * peak)) if peak else None}
+            if not metrics["finite"]:
+              log.warning("step %d: non-finite loss or gradient, update skipped", done)
+            history.append(record)
+            if main:
+              metrics_out.write(record)
+          if progress is not None:
+            if record is not None:  # drawn by update(), with the count it shows: `done`
+              progress.set_postfix_str(f"step {done} loss {record['loss']:.4f} skipped {record['skipped_steps']}",
+                                       refresh=False)
+            progress.update(1)
+          stop = preemption.reached(done)
+          if stop or (every and done % every == 0) or (done == total and cfg.checkpoint.get("final", True)):
+            self._save(mngr, done, state, force=stop)
+          if stop:
+            mngr.wait_until_finished()
+            log.warning("preempted: checkpoint of step %d saved in %s", done, mngr.directory)
+            break
+      finally:
         if progress is not None:
-          progress.update(1)
-        stop = preemption.agreed()
-        if stop or (every and done % every == 0) or (done == total and cfg.checkpoint.get("final", True)):
-          self._save(mngr, done, state, force=stop)
-        if stop:
-          mngr.wait_until_finished()
-          log.warning("preempted: checkpoint of step %d saved in %s", done, mngr.directory)
-          break
-    if progress is not None:
-      progress.close()
+          progress.close()
+        if metrics_out is not None:
+          metrics_out.close()
     self.state = state
     return history
 
