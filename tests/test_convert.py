@@ -281,3 +281,129 @@ def _expect_error(argv, pattern, out_dir, capsys):
   assert re.search(pattern, lines[-1]), lines[-1]
   assert not os.path.exists(out_dir)
   assert sorted(os.listdir(watched)) == before  # no temp dir left behind
+
+
+# ------------------------------------------------------- config.json, heads, dtype, mode
+
+def _diffusers_dit(seed=3, **sizes):
+  """A diffusers WanTransformer3DModel of any sizes (tiny defaults), every weight perturbed."""
+  import diffusers
+
+  kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16,
+                out_channels=16, text_dim=32, freq_dim=64, ffn_dim=80, num_layers=3)
+  torch.manual_seed(seed)
+  model = diffusers.WanTransformer3DModel(**{**kwargs, **sizes}).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def _torch_reference(model, channels=16):
+  torch.manual_seed(5)
+  inputs = (torch.randn(1, channels, 2, 4, 6), torch.tensor([321.0]), torch.randn(1, 6, 32))
+  with torch.no_grad():
+    return inputs, model(*inputs, return_dict=False)[0].numpy()
+
+
+@pytest.mark.parametrize("heads, head_dim", [(2, 24), (2, 64)], ids=["2x24", "2x64"])
+def test_diffusers_folder_config_json_gives_the_heads(heads, head_dim, tmp_path, capsys):
+  """A diffusers export folder (weights + config.json) whose sizes match no preset: the heads come
+  from config.json (2 of 64 is not 1 of 128), and the converted model equals diffusers' forward."""
+  model = _diffusers_dit(num_attention_heads=heads, attention_head_dim=head_dim)
+  model.save_pretrained(tmp_path / "hf")
+  assert os.path.isfile(tmp_path / "hf" / "config.json")
+  rc, _, err = run_main([tmp_path / "hf", tmp_path / "ckpt"], capsys)
+  assert rc == 0, err
+  config = checkpoint.read_config(tmp_path / "ckpt", kind="dit")
+  assert (config["num_heads"], config["dim"], config["preset"]) == (heads, heads * head_dim, None)
+  assert config["num_layers"] == 3 and config["ffn_dim"] == 80
+  assert config["dtype"] == "float32"  # what the folder stores
+  inputs, ref = _torch_reference(model)
+  ours = forward(dit.load_dit(str(tmp_path / "ckpt"), attention="full", dtype=jnp.float32), *inputs)
+  assert rel_err(ours, ref) < TOL
+
+
+def test_wan_release_config_json(tmp_path, capsys):
+  """Wan's own layout beside a Wan release's config.json (dim, num_heads, in_dim, ...)."""
+  model = _diffusers_dit(num_attention_heads=2, attention_head_dim=64)
+  state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+  os.makedirs(tmp_path / "release")
+  save_file(to_original(state), tmp_path / "release" / "diffusion_pytorch_model.safetensors")
+  with open(tmp_path / "release" / "config.json", "w") as f:
+    f.write('{"_class_name": "WanModel", "dim": 128, "eps": 1e-06, "ffn_dim": 80, "freq_dim": 64, '
+            '"in_dim": 16, "model_type": "t2v", "num_heads": 2, "num_layers": 3, "out_dim": 16, "text_len": 512}')
+  rc, _, err = run_main([tmp_path / "release", tmp_path / "ckpt"], capsys)
+  assert rc == 0, err
+  config = checkpoint.read_config(tmp_path / "ckpt", kind="dit")
+  assert config["num_heads"] == 2 and config["source_layout"] == "original" and config["family"] == "wan2.1"
+  inputs, ref = _torch_reference(model)
+  ours = forward(dit.load_dit(str(tmp_path / "ckpt"), attention="full", dtype=jnp.float32), *inputs)
+  assert rel_err(ours, ref) < TOL
+
+
+def test_unknown_sizes_without_config_need_num_heads(tmp_path, capsys):
+  """No config.json and sizes that match no preset: no head count is guessed. One error line
+  naming --num_heads, exit 2, nothing written; with --num_heads it converts."""
+  model = _diffusers_dit(num_attention_heads=2, attention_head_dim=64)
+  os.makedirs(tmp_path / "inputs")
+  save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+            tmp_path / "inputs" / "model.safetensors")
+  _expect_error([tmp_path / "inputs" / "model.safetensors", tmp_path / "ckpt"],
+                r"match no Wan DiT preset.*pass --num_heads N", tmp_path / "ckpt", capsys)
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "convert_torch_weights.py"), str(tmp_path / "inputs" / "model.safetensors"),
+       str(tmp_path / "cli")], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "--num_heads" in result.stderr
+  assert not os.path.exists(tmp_path / "cli")
+
+  rc, _, err = run_main([tmp_path / "inputs" / "model.safetensors", tmp_path / "ckpt", "--num_heads", "2"], capsys)
+  assert rc == 0, err
+  assert checkpoint.read_config(tmp_path / "ckpt")["num_heads"] == 2
+  inputs, ref = _torch_reference(model)
+  ours = forward(dit.load_dit(str(tmp_path / "ckpt"), attention="full", dtype=jnp.float32), *inputs)
+  assert rel_err(ours, ref) < TOL
+
+
+def test_num_heads_contradicting_config_json(tmp_path, capsys):
+  model = _diffusers_dit(num_attention_heads=2, attention_head_dim=64)
+  model.save_pretrained(tmp_path / "hf")
+  _expect_error([tmp_path / "hf", tmp_path / "ckpt", "--num_heads", "4"],
+                r"--num_heads 4 contradicts the source's config\.json \(num_heads 2\)", tmp_path / "ckpt", capsys)
+
+
+def test_stored_dtype_is_kept_by_default(wan, tmp_path, capsys):
+  bf16_state = {k: v.to(torch.bfloat16) for k, v in wan["state"].items()}
+  save_file(bf16_state, tmp_path / "bf16.safetensors")
+  for source, stored in ((wan["tmp"] / "model.safetensors", "float32"), (tmp_path / "bf16.safetensors", "bfloat16")):
+    out = tmp_path / f"ckpt_{stored}"
+    rc, _, err = run_main([source, out], capsys)
+    assert rc == 0, err
+    params, config = checkpoint.load_checkpoint(str(out))
+    assert config["dtype"] == stored
+    assert {np.asarray(leaf).dtype.name for leaf in jax.tree.leaves(params)} == {stored}
+    assert dit.load_dit(str(out), attention="full").blocks.ffn.fc1.kernel[...].dtype == jnp.dtype(stored)
+  params, _ = checkpoint.load_checkpoint(str(tmp_path / "ckpt_bfloat16"))
+  np.testing.assert_array_equal(np.asarray(params["head"]["modulation"]).astype(np.float32),
+                                bf16_state["scale_shift_table"].float().numpy())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_output_mode_follows_umask(wan, tmp_path, capsys, umask, mode):
+  old = os.umask(umask)
+  try:
+    rc, _, err = run_main([wan["tmp"] / "model.safetensors", tmp_path / "ckpt"], capsys)
+  finally:
+    os.umask(old)
+  assert rc == 0, err
+  assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == mode
+  assert os.stat(tmp_path / "ckpt" / "params").st_mode & 0o777 == mode
+  assert os.stat(tmp_path / "ckpt" / "config.json").st_mode & 0o777 == mode & 0o666
+
+
+def test_cli_help_exits_0():
+  result = subprocess.run([sys.executable, os.path.join(REPO, "convert_torch_weights.py"), "--help"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "--num_heads" in result.stdout and "--dtype" in result.stdout

@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from t3_jax.weights import convert
+from t3_jax.weights import engine
 from t3_jax.models import umt5
 from t3_jax.models import vae
 
@@ -45,7 +46,7 @@ def test_vae_diffusers_safetensors_and_wan_pth(tmp_path):
   assert convert.main([str(tmp_path / "vae.safetensors"), str(tmp_path / "ckpt"), "--kind", "vae",
                        "--dtype", "fp32", "--quiet"]) == 0
   loaded = vae.load_vae(str(tmp_path / "ckpt"), dtype=jnp.float32, param_dtype=jnp.float32)
-  expected = vae.params_from_torch_state_dict(state)
+  expected, _ = engine.convert_state_dict(vae.WEIGHTS, state)
   same_trees(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), expected)
 
 

@@ -11,6 +11,22 @@ import transformers
 from flax import nnx
 
 from t3_jax.models import umt5
+from t3_jax.weights import engine
+
+W = umt5.WEIGHTS
+
+
+def convert(sd, **kwargs):
+  """Our nested params of a torch state dict, through the weights engine."""
+  return engine.convert_state_dict(W, sd, **kwargs)[0]
+
+
+def config_from_shapes(shapes):
+  return engine.detect(W, shapes).config
+
+
+def from_params(config, params, **kwargs):
+  return engine.from_params(W, config, params, **kwargs)
 
 SEQ = 140  # > max_distance (128): exercises every kind of position bucket
 LENGTHS = (SEQ, 57, 9)  # a full row and two padded ones
@@ -105,9 +121,9 @@ def test_relative_position_buckets_match_transformers(hf_model):
 
 def test_encoder_matches_transformers_with_padding(hf_model, batch, hf_output):
   ids, mask = batch
-  config = umt5.umt5_config_from_shapes({k: tuple(v.shape) for k, v in hf_model.state_dict().items()})
+  config = config_from_shapes({k: tuple(v.shape) for k, v in hf_model.state_dict().items()})
   assert config == tiny_config()
-  model = umt5.umt5_from_params(config, umt5.params_from_torch_state_dict(state_dict(hf_model)),
+  model = from_params(config, convert(state_dict(hf_model)),
                                 dtype=jnp.float32, param_dtype=jnp.float32)
   context = np.asarray(umt5.encode_tokens(model, jnp.asarray(ids), jnp.asarray(mask)))
   assert context.shape == (len(LENGTHS), SEQ, config.d_model) and context.dtype == np.float32
@@ -122,18 +138,19 @@ def test_encoder_matches_transformers_with_padding(hf_model, batch, hf_output):
 def test_wan_layout_round_trip(hf_model, batch, hf_output):
   ids, mask = batch
   wan_sd = hf_to_wan(state_dict(hf_model))
-  assert umt5.detect_umt5_layout(wan_sd) == "wan"
-  config = umt5.umt5_config_from_shapes({k: tuple(v.shape) for k, v in wan_sd.items()})
+  assert engine.layout_score(W, wan_sd)[0] == "wan"
+  config = config_from_shapes({k: tuple(v.shape) for k, v in wan_sd.items()})
   assert config == tiny_config()
-  from_wan = umt5.params_from_torch_state_dict(wan_sd)
-  from_hf = umt5.params_from_torch_state_dict(state_dict(hf_model), layout="hf")
+  from_wan = convert(wan_sd)
+  from_hf, detected = engine.convert_state_dict(W, state_dict(hf_model))
+  assert detected.layout == "hf"
   jax.tree.map(np.testing.assert_array_equal, from_wan, from_hf)
-  model = umt5.umt5_from_params(config, from_wan, dtype=jnp.float32, param_dtype=jnp.float32)
+  model = from_params(config, from_wan, dtype=jnp.float32, param_dtype=jnp.float32)
   context = np.asarray(umt5.encode_tokens(model, jnp.asarray(ids), jnp.asarray(mask)))
   real = mask.astype(bool)
   assert relative_error(context[real], hf_output[real]) < 1e-5
   # bf16 checkpoints (Wan ships models_t5_umt5-xxl-enc-bf16.pth) keep their dtype.
-  bf16 = umt5.params_from_torch_state_dict({k: v.bfloat16() for k, v in wan_sd.items()})
+  bf16 = convert({k: v.bfloat16() for k, v in wan_sd.items()})
   assert bf16["blocks"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(bf16["final_norm"]["scale"].astype(np.float32),
                                 wan_sd["norm.weight"].bfloat16().float().numpy())
@@ -141,18 +158,18 @@ def test_wan_layout_round_trip(hf_model, batch, hf_output):
 
 def test_state_dict_errors(hf_model):
   sd = hf_to_wan(state_dict(hf_model))
-  with pytest.raises(ValueError, match="no place"):
-    umt5.params_from_torch_state_dict({**sd, "extra.weight": torch.zeros(1)})
+  with pytest.raises(ValueError, match="1 unexpected: extra.weight"):
+    convert({**sd, "extra.weight": torch.zeros(1)})
   del sd["blocks.1.ffn.fc2.weight"]
-  with pytest.raises(ValueError, match="lacks"):
-    umt5.params_from_torch_state_dict(sd)
+  with pytest.raises(ValueError, match="1 missing: blocks.1.ffn.fc2.weight"):
+    convert(sd)
   with pytest.raises(ValueError, match="not a umT5"):
-    umt5.detect_umt5_layout({"foo": None})
+    engine.detect(W, {"foo": (1,)})
 
 
 def test_bf16_compute_is_close(hf_model, batch, hf_output):
   ids, mask = batch
-  model = umt5.umt5_from_params(tiny_config(), umt5.params_from_torch_state_dict(state_dict(hf_model)),
+  model = from_params(tiny_config(), convert(state_dict(hf_model)),
                                 dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   context = np.asarray(umt5.encode_tokens(model, jnp.asarray(ids), jnp.asarray(mask)))
   assert context.dtype == np.float32
@@ -162,7 +179,7 @@ def test_bf16_compute_is_close(hf_model, batch, hf_output):
 
 def test_xxl_preset_shapes():
   config = umt5.UMT5Config.umt5_xxl()
-  model = umt5.abstract_umt5(config)
+  model = engine.abstract_model(W, config, param_dtype=jnp.bfloat16)
   params = nnx.to_pure_dict(nnx.state(model))
   assert params["blocks"]["attn"]["q"]["kernel"].shape == (24, 4096, 4096)
   assert params["blocks"]["attn"]["relative_attention_bias"].shape == (24, 32, 64)
@@ -178,7 +195,7 @@ def test_xxl_preset_shapes():
                        f"blocks.{i}.ffn.gate.0.weight": (10240, 4096), f"blocks.{i}.ffn.fc1.weight": (10240, 4096),
                        f"blocks.{i}.ffn.fc2.weight": (4096, 10240),
                        f"blocks.{i}.pos_embedding.embedding.weight": (32, 64)})
-  assert umt5.umt5_config_from_shapes(wan_shapes) == config
+  assert config_from_shapes(wan_shapes) == config
   # The forward traces at full size (scan over layers), without allocating anything.
   graphdef, state = nnx.split(model)
   tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
@@ -242,7 +259,7 @@ def test_clean_prompt():
 def test_encode_text_zeroes_padding(hf_model, tokenizer_dir, hf_output):
   tokenizer = umt5.UMT5Tokenizer.from_dir(str(tokenizer_dir))
   config = tiny_config()
-  model = umt5.umt5_from_params(config, umt5.params_from_torch_state_dict(state_dict(hf_model)),
+  model = from_params(config, convert(state_dict(hf_model)),
                                 dtype=jnp.float32, param_dtype=jnp.float32)
   prompts = ["A cat  sits on\nthe mat.", "&lt;b&gt; waves"]
   context = np.asarray(umt5.encode_text(model, tokenizer, prompts, max_length=32))
@@ -263,7 +280,7 @@ def test_load_umt5_round_trip(hf_model, batch, hf_output, tmp_path):
   from t3_jax.weights import checkpoint
   ids, mask = batch
   config = tiny_config()
-  params = umt5.params_from_torch_state_dict(state_dict(hf_model))
+  params = convert(state_dict(hf_model))
   checkpoint.save_checkpoint(str(tmp_path / "umt5"), params, {"kind": "umt5", **config.to_dict()})
   model = umt5.load_umt5(str(tmp_path / "umt5"), dtype=jnp.float32, param_dtype=jnp.float32)
   assert model.config == config
@@ -272,7 +289,7 @@ def test_load_umt5_round_trip(hf_model, batch, hf_output, tmp_path):
   assert relative_error(context[real], hf_output[real]) < 1e-5
   bf16 = umt5.load_umt5(str(tmp_path / "umt5"))
   assert bf16.blocks.attn.q.kernel[...].dtype == jnp.bfloat16
-  with pytest.raises(ValueError, match="not 'umt5'"):
+  with pytest.raises(ValueError, match="'vae' checkpoint, not a umT5 encoder"):
     checkpoint.save_checkpoint(str(tmp_path / "vae"), {"w": np.zeros(2)}, {"kind": "vae"})
     umt5.load_umt5(str(tmp_path / "vae"))
 
@@ -281,15 +298,15 @@ def test_hf_full_model_keys_are_accepted(hf_model):
   """A UMT5ForConditionalGeneration-style dict: the decoder and lm_head are skipped; either
   embedding key works."""
   sd = state_dict(hf_model)
-  reference = umt5.params_from_torch_state_dict(sd)
+  reference = convert(sd)
   full = {**sd, "decoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(32, 32),
           "lm_head.weight": torch.zeros(128, 32)}
-  rules, ignored = umt5.resolve_umt5_table(full)
+  rules, ignored = engine.resolve_rules(W, "hf", None, full)
   assert ("shared.weight", "token_embedding/embedding", "identity") in rules
   assert ignored == ["decoder.block.0.layer.0.SelfAttention.q.weight", "encoder.embed_tokens.weight",
                      "lm_head.weight"]
   only_encoder_copy = {k: v for k, v in sd.items() if k != "shared.weight"}
   for variant in (full, only_encoder_copy):
-    jax.tree.map(np.testing.assert_array_equal, umt5.params_from_torch_state_dict(variant), reference)
+    jax.tree.map(np.testing.assert_array_equal, convert(variant), reference)
   with pytest.raises(ValueError, match="do not fit"):
-    umt5.umt5_from_params(umt5.UMT5Config.tiny(), {**reference, "final_norm": {"scale": np.ones(7)}})
+    from_params(umt5.UMT5Config.tiny(), {**reference, "final_norm": {"scale": np.ones(7)}})

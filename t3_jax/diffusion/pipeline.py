@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import os
 import resource
@@ -59,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from t3_jax.weights import checkpoint as checkpoint_lib
+from t3_jax.weights import engine
 from t3_jax.models import dit as dit_lib
 from t3_jax.diffusion import flow
 from t3_jax.logs import log
@@ -272,81 +272,8 @@ def _vae_with_latent_stats(config: vae_lib.VAEConfig) -> vae_lib.VAEConfig:
                    "convert it again with convert_torch_weights.py --kind vae")
 
 
-def _draw_rule(name: str, shape: Sequence[int]):
-  """How a standard-normal draw becomes a parameter of this name and shape (see `random_init`);
-  the same function serves NumPy (host) and jax.numpy (device) arrays."""
-  if name == "kernel":
-    fan_in = math.prod(shape[:-1]) if len(shape) >= 4 else shape[-2]
-    return lambda x: x / math.sqrt(fan_in)
-  if name in ("scale", "gamma"):
-    return lambda x: 1.0 + 0.1 * x
-  if name == "modulation":
-    return lambda x: x / math.sqrt(shape[-1])
-  if name == "bias":
-    return lambda x: 0.02 * x
-  if name == "relative_attention_bias":
-    return lambda x: 0.1 * x
-  return lambda x: x
-
-
-# Parameters smaller than this share one random draw (sliced): each separate draw is its own
-# piece of XLA program to compile, and a model has hundreds of small parameters.
-_SHARED_DRAW_MAX = 1 << 22
-
-
-@functools.lru_cache(maxsize=16)
-def _draw_on_device(spec: tuple):
-  """One jitted program: key -> a parameter per (name, shape, dtype) of `spec`."""
-  sizes = [math.prod(shape) for _, shape, _ in spec]
-  small = [i for i, n in enumerate(sizes) if n < _SHARED_DRAW_MAX]
-
-  def draw_all(key):
-    shared_key, key = jax.random.split(key)
-    shared = jax.random.normal(shared_key, (sum(sizes[i] for i in small),), jnp.float32)
-    offsets = dict(zip(small, np.cumsum([0] + [sizes[i] for i in small]).tolist()))
-    out = []
-    for i, (name, shape, dtype) in enumerate(spec):
-      if i in offsets:
-        x = jax.lax.dynamic_slice_in_dim(shared, offsets[i], sizes[i]).reshape(shape)
-      else:
-        x = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
-      out.append(_draw_rule(name, shape)(x).astype(dtype))
-    return out
-  return jax.jit(draw_all)
-
-
-def random_init(make, seed: int, *, on_device: bool = False):
-  """The module `make()` builds, with random parameters (DEMO, tests and timing runs).
-
-  Matrices and convolution kernels: normal / sqrt(fan_in) (fan_in: the second-last axis, or all
-  but the last for convolutions); norm scales: 1 + 0.1 normal; modulations: normal / sqrt(dim);
-  biases: 0.02 normal; embeddings and everything else: normal (scaled 0.1 for position biases).
-
-  on_device=False draws on the host with NumPy: the modules' own initialisers, run eagerly or
-  jitted, compile for up to a minute on a CPU (one XLA program per parameter shape); this takes
-  milliseconds for tiny models. on_device=True draws every parameter in ONE jitted program on
-  the default device, straight in its dtype (bf16 stays bf16): the full-size models (umT5-XXL
-  alone has 5.7e9 parameters) take seconds this way and never pass through host memory.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-  structs = nnx.to_pure_dict(state)
-
-  if on_device:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(structs)
-    spec = tuple((str(getattr(path[-1], "key", path[-1])), tuple(leaf.shape), jnp.dtype(leaf.dtype))
-                 for path, leaf in leaves)
-    # "rbg" keys: XLA's own bit generator, far quicker to compile than threefry for hundreds of leaves.
-    params = jax.tree_util.tree_unflatten(treedef, _draw_on_device(spec)(jax.random.key(seed, impl="rbg")))
-  else:
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-      rule = _draw_rule(str(getattr(path[-1], "key", path[-1])), leaf.shape)
-      return jnp.asarray(rule(rng.standard_normal(leaf.shape, dtype=np.float32)), leaf.dtype)
-
-    params = jax.tree_util.tree_map_with_path(draw, structs)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+# The one random init (t3_jax.weights.engine), under the name T3Pipeline.random calls (tests swap it).
+random_init = engine.random_init
 
 
 # What T3Pipeline.random builds: the tiny test models, or the DiT presets at full size.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Sequence
 
 import einops
@@ -38,7 +39,7 @@ from flax import nnx
 
 from t3_jax.core import schedule as schedule_lib
 from t3_jax.parallel.layout import Layout
-from t3_jax.weights import checkpoint as checkpoint_lib
+from t3_jax.weights import engine
 
 f32 = jnp.float32
 Triple = tuple[int, int, int]
@@ -521,6 +522,120 @@ def unpatchify(x, grid: Sequence[int], patch_size: Sequence[int], channels: int)
                           pt=pt, ph=ph, pw=pw, c=channels)
 
 
+# ------------------------------------------------------------------- torch layouts
+
+# Wan's original names (Wan-AI releases, DiffSynth, the T3-Video release) and diffusers'
+# (WanTransformer3DModel), side by side; "{i}" is the block index.
+_LINEARS = [  # torch Linear modules: (our module, original, diffusers)
+    ("text_embedding/fc1", "text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding/fc2", "text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding/fc1", "time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding/fc2", "time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection", "time_projection.1", "condition_embedder.time_proj"),
+    ("blocks/self_attn/q", "blocks.{i}.self_attn.q", "blocks.{i}.attn1.to_q"),
+    ("blocks/self_attn/k", "blocks.{i}.self_attn.k", "blocks.{i}.attn1.to_k"),
+    ("blocks/self_attn/v", "blocks.{i}.self_attn.v", "blocks.{i}.attn1.to_v"),
+    ("blocks/self_attn/o", "blocks.{i}.self_attn.o", "blocks.{i}.attn1.to_out.0"),
+    ("blocks/cross_attn/q", "blocks.{i}.cross_attn.q", "blocks.{i}.attn2.to_q"),
+    ("blocks/cross_attn/k", "blocks.{i}.cross_attn.k", "blocks.{i}.attn2.to_k"),
+    ("blocks/cross_attn/v", "blocks.{i}.cross_attn.v", "blocks.{i}.attn2.to_v"),
+    ("blocks/cross_attn/o", "blocks.{i}.cross_attn.o", "blocks.{i}.attn2.to_out.0"),
+    ("blocks/ffn/fc1", "blocks.{i}.ffn.0", "blocks.{i}.ffn.net.0.proj"),
+    ("blocks/ffn/fc2", "blocks.{i}.ffn.2", "blocks.{i}.ffn.net.2"),
+    ("head/linear", "head.head", "proj_out"),
+]
+_TENSORS = [  # other tensors: (our param, original, diffusers, transform)
+    ("patch_embedding/kernel", "patch_embedding.weight", "patch_embedding.weight", "conv_as_linear"),
+    ("patch_embedding/bias", "patch_embedding.bias", "patch_embedding.bias", "identity"),
+    ("blocks/self_attn/norm_q/scale", "blocks.{i}.self_attn.norm_q.weight", "blocks.{i}.attn1.norm_q.weight",
+     "identity"),
+    ("blocks/self_attn/norm_k/scale", "blocks.{i}.self_attn.norm_k.weight", "blocks.{i}.attn1.norm_k.weight",
+     "identity"),
+    ("blocks/cross_attn/norm_q/scale", "blocks.{i}.cross_attn.norm_q.weight", "blocks.{i}.attn2.norm_q.weight",
+     "identity"),
+    ("blocks/cross_attn/norm_k/scale", "blocks.{i}.cross_attn.norm_k.weight", "blocks.{i}.attn2.norm_k.weight",
+     "identity"),
+    ("blocks/norm3/scale", "blocks.{i}.norm3.weight", "blocks.{i}.norm2.weight", "identity"),
+    ("blocks/norm3/bias", "blocks.{i}.norm3.bias", "blocks.{i}.norm2.bias", "identity"),
+    ("blocks/modulation", "blocks.{i}.modulation", "blocks.{i}.scale_shift_table", "identity"),
+    ("head/modulation", "head.modulation", "scale_shift_table", "identity"),
+]
+
+
+def _rules(layout: int) -> list[engine.Rule]:
+  """The (torch key, param path, transform) rules of one column (1: original, 2: diffusers)."""
+  return ([rule for row in _LINEARS for rule in engine.dense(row[layout], row[0])]
+          + [(row[layout], row[0], row[3]) for row in _TENSORS])
+
+
+# Per layout, the tensors whose shapes give the architecture.
+_PROBES = {
+    "original": {"patch": "patch_embedding.weight", "text": "text_embedding.0.weight",
+                 "time": "time_embedding.0.weight", "ffn": "blocks.0.ffn.0.weight", "head": "head.head.weight"},
+    "diffusers": {"patch": "patch_embedding.weight", "text": "condition_embedder.text_embedder.linear_1.weight",
+                  "time": "condition_embedder.time_embedder.linear_1.weight",
+                  "ffn": "blocks.0.ffn.net.0.proj.weight", "head": "proj_out.weight"},
+}
+
+
+def _fields_from_shapes(shapes, layout: str) -> dict:
+  """Every DiTConfig field the tensor shapes show; the head count is not among them."""
+  probes = _PROBES[layout]
+  missing = [k for k in probes.values() if k not in shapes or not shapes[k]]
+  if missing:
+    raise engine.WeightsError(f"Wan DiT checkpoint ({layout} layout) lacks {', '.join(missing)}: "
+                              "it is incomplete (a missing shard?)")
+  patch = shapes[probes["patch"]]
+  if len(patch) != 5:
+    raise engine.WeightsError(f"{probes['patch']} has shape {patch}, expected a Conv3d weight (out, in, kt, kh, kw)")
+  patch_size = tuple(patch[2:])
+  layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+  return {"dim": patch[0], "in_channels": patch[1], "patch_size": patch_size,
+          "ffn_dim": shapes[probes["ffn"]][0], "text_dim": shapes[probes["text"]][-1],
+          "freq_dim": shapes[probes["time"]][-1], "num_layers": max(layers) + 1 if layers else 0,
+          "out_channels": shapes[probes["head"]][0] // math.prod(patch_size)}
+
+
+def _fields_from_json(config: dict) -> dict | None:
+  """The fields of a diffusers WanTransformer3DModel config.json or a Wan release's
+  config.json (dim, num_heads, in_dim, ...); None for anything else."""
+  if config.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config:
+    heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+    fields = {"num_heads": heads, "dim": heads * head_dim if heads and head_dim else None,
+              **{k: config.get(k) for k in ("ffn_dim", "num_layers", "in_channels", "out_channels", "text_dim",
+                                             "freq_dim", "patch_size", "eps")}}
+  elif config.get("_class_name") == "WanModel" or ("dim" in config and "num_heads" in config):
+    fields = {"dim": config.get("dim"), "num_heads": config.get("num_heads"), "in_channels": config.get("in_dim"),
+              "out_channels": config.get("out_dim"),
+              **{k: config.get(k) for k in ("ffn_dim", "num_layers", "text_dim", "freq_dim", "patch_size", "eps")}}
+  else:
+    return None
+  return {k: v for k, v in fields.items() if v is not None}
+
+
+def _from_fields(fields: dict) -> DiTConfig:
+  """A DiTConfig; unless given, the family follows the latent channels (48: Wan2.2's VAE)."""
+  family = fields.get("family", "wan2.2" if fields.get("in_channels") == 48 else "wan2.1")
+  return DiTConfig.from_dict({"family": family, "per_token_timesteps": family == "wan2.2", **fields})
+
+
+def _build(config: DiTConfig, *, param_dtype, rngs, **kwargs) -> WanDiT:
+  return WanDiT(config, param_dtype=param_dtype, rngs=rngs, **kwargs)
+
+
+WEIGHTS = engine.ModelWeights(
+    kind="dit", name="Wan DiT", short_name="DiT", config_type=DiTConfig, build=_build,
+    layouts={
+        "original": engine.Layout(_rules(1), signature=(
+            "patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "blocks.0.self_attn.q.weight")),
+        "diffusers": engine.Layout(_rules(2), signature=(
+            "patch_embedding.weight", "condition_embedder.text_embedder.linear_1.weight", "proj_out.weight",
+            "blocks.0.attn1.to_q.weight")),
+    },
+    fields_from_shapes=_fields_from_shapes, from_fields=_from_fields, fields_from_json=_fields_from_json,
+    presets=PRESETS, unseen={"num_heads": "--num_heads"}, make_hint=CONVERT_HINT)
+
+
 # ------------------------------------------------------------------------- loading
 
 def param_logical_axes(model: WanDiT) -> dict:
@@ -534,23 +649,8 @@ def load_dit(ckpt_dir: str, attention: str = "t3", schedule=None, dtype=jnp.bflo
              layout: Layout | None = None) -> WanDiT:
   """A ready WanDiT from a t3-jax DiT checkpoint (made by convert_torch_weights.py).
 
-  param_dtype None keeps the checkpoint's dtype. Other arguments as for WanDiT.
+  param_dtype None keeps the checkpoint's dtype (restored straight into it). Other
+  arguments as for WanDiT.
   """
-  try:
-    config_dict = checkpoint_lib.read_config(ckpt_dir)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}; to make a DiT checkpoint, {CONVERT_HINT}") from None
-  if config_dict.get("kind") != "dit":
-    raise ValueError(f"{ckpt_dir} holds a {config_dict.get('kind')!r} checkpoint, not a DiT; "
-                     f"to make one, {CONVERT_HINT}")
-  config = DiTConfig.from_dict(config_dict)
-  stored_dtype = jnp.dtype(config_dict.get("dtype", "float32"))
-  param_dtype = stored_dtype if param_dtype is None else jnp.dtype(param_dtype)
-
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(
-      config, attention=attention, schedule=schedule, dtype=dtype, param_dtype=param_dtype, remat=remat,
-      implementation=implementation, layout=layout, rngs=nnx.Rngs(0))))
-  # Restored straight into param_dtype (Orbax casts as it reads: no second copy on the host).
-  params, _ = checkpoint_lib.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return engine.load(WEIGHTS, ckpt_dir, param_dtype=param_dtype, attention=attention, schedule=schedule,
+                     dtype=dtype, implementation=implementation, remat=remat, layout=layout)

@@ -27,12 +27,14 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from t3_jax.weights import engine
 
 log = logging.getLogger(__name__)
 
@@ -294,98 +296,53 @@ def encode_text(model: UMT5Encoder, tokenizer: UMT5Tokenizer, prompts: Sequence[
 
 # ----------------------------------------------------------------------------- torch checkpoints
 
-# (torch key pattern, our param path, transform). "{i}" is the layer index: those entries fill
-# row i of a parameter stacked along a leading layer axis. "a|b": the first key present is used.
 # Transforms: "identity"; "transpose" for torch Linear weights (out, in) -> our kernels (in, out).
-UMT5_TORCH_TABLES: dict[str, list[tuple[str, str, str]]] = {
+_WAN_RULES = [
     # Wan's own layout (wan/modules/t5.py T5Encoder; models_t5_umt5-xxl-enc-bf16.pth, diffsynth).
-    "wan": [
-        ("token_embedding.weight", "token_embedding/embedding", "identity"),
-        ("blocks.{i}.norm1.weight", "blocks/attn_norm/scale", "identity"),
-        ("blocks.{i}.attn.q.weight", "blocks/attn/q/kernel", "transpose"),
-        ("blocks.{i}.attn.k.weight", "blocks/attn/k/kernel", "transpose"),
-        ("blocks.{i}.attn.v.weight", "blocks/attn/v/kernel", "transpose"),
-        ("blocks.{i}.attn.o.weight", "blocks/attn/o/kernel", "transpose"),
-        ("blocks.{i}.pos_embedding.embedding.weight", "blocks/attn/relative_attention_bias", "identity"),
-        ("blocks.{i}.norm2.weight", "blocks/ffn_norm/scale", "identity"),
-        ("blocks.{i}.ffn.gate.0.weight", "blocks/ffn/wi_0/kernel", "transpose"),  # the GELU branch
-        ("blocks.{i}.ffn.fc1.weight", "blocks/ffn/wi_1/kernel", "transpose"),
-        ("blocks.{i}.ffn.fc2.weight", "blocks/ffn/wo/kernel", "transpose"),
-        ("norm.weight", "final_norm/scale", "identity"),
-    ],
-    # Hugging Face UMT5EncoderModel (also the encoder half of UMT5Model/UMT5ForConditionalGeneration).
-    "hf": [
-        ("shared.weight|encoder.embed_tokens.weight", "token_embedding/embedding", "identity"),
-        ("encoder.block.{i}.layer.0.layer_norm.weight", "blocks/attn_norm/scale", "identity"),
-        ("encoder.block.{i}.layer.0.SelfAttention.q.weight", "blocks/attn/q/kernel", "transpose"),
-        ("encoder.block.{i}.layer.0.SelfAttention.k.weight", "blocks/attn/k/kernel", "transpose"),
-        ("encoder.block.{i}.layer.0.SelfAttention.v.weight", "blocks/attn/v/kernel", "transpose"),
-        ("encoder.block.{i}.layer.0.SelfAttention.o.weight", "blocks/attn/o/kernel", "transpose"),
-        ("encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
-         "blocks/attn/relative_attention_bias", "identity"),
-        ("encoder.block.{i}.layer.1.layer_norm.weight", "blocks/ffn_norm/scale", "identity"),
-        ("encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight", "blocks/ffn/wi_0/kernel", "transpose"),
-        ("encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", "blocks/ffn/wi_1/kernel", "transpose"),
-        ("encoder.block.{i}.layer.1.DenseReluDense.wo.weight", "blocks/ffn/wo/kernel", "transpose"),
-        ("encoder.final_layer_norm.weight", "final_norm/scale", "identity"),
-    ],
-}
+    ("token_embedding.weight", "token_embedding/embedding", "identity"),
+    ("blocks.{i}.norm1.weight", "blocks/attn_norm/scale", "identity"),
+    ("blocks.{i}.attn.q.weight", "blocks/attn/q/kernel", "transpose"),
+    ("blocks.{i}.attn.k.weight", "blocks/attn/k/kernel", "transpose"),
+    ("blocks.{i}.attn.v.weight", "blocks/attn/v/kernel", "transpose"),
+    ("blocks.{i}.attn.o.weight", "blocks/attn/o/kernel", "transpose"),
+    ("blocks.{i}.pos_embedding.embedding.weight", "blocks/attn/relative_attention_bias", "identity"),
+    ("blocks.{i}.norm2.weight", "blocks/ffn_norm/scale", "identity"),
+    ("blocks.{i}.ffn.gate.0.weight", "blocks/ffn/wi_0/kernel", "transpose"),  # the GELU branch
+    ("blocks.{i}.ffn.fc1.weight", "blocks/ffn/wi_1/kernel", "transpose"),
+    ("blocks.{i}.ffn.fc2.weight", "blocks/ffn/wo/kernel", "transpose"),
+    ("norm.weight", "final_norm/scale", "identity"),
+]
 
-# Keys a layout may hold that the encoder does not use (the decoder of a full HF model;
-# HF's tied copy of the embedding).
-UMT5_TORCH_IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {
-    "wan": (),
-    "hf": ("decoder.", "lm_head.", "encoder.embed_tokens.weight"),
-}
-
-# Written with .T only, so that they also run on shapes (the converter checks a checkpoint's
-# shapes with jax.eval_shape before reading any tensor).
-UMT5_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": lambda w: w,
-    "transpose": lambda w: w.T,
-}
+_HF_RULES = [
+    # Hugging Face UMT5EncoderModel (also the encoder half of UMT5Model/UMT5ForConditionalGeneration);
+    # encoder.embed_tokens is a tied copy of shared.
+    ("shared.weight|encoder.embed_tokens.weight", "token_embedding/embedding", "identity"),
+    ("encoder.block.{i}.layer.0.layer_norm.weight", "blocks/attn_norm/scale", "identity"),
+    ("encoder.block.{i}.layer.0.SelfAttention.q.weight", "blocks/attn/q/kernel", "transpose"),
+    ("encoder.block.{i}.layer.0.SelfAttention.k.weight", "blocks/attn/k/kernel", "transpose"),
+    ("encoder.block.{i}.layer.0.SelfAttention.v.weight", "blocks/attn/v/kernel", "transpose"),
+    ("encoder.block.{i}.layer.0.SelfAttention.o.weight", "blocks/attn/o/kernel", "transpose"),
+    ("encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+     "blocks/attn/relative_attention_bias", "identity"),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "blocks/ffn_norm/scale", "identity"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight", "blocks/ffn/wi_0/kernel", "transpose"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", "blocks/ffn/wi_1/kernel", "transpose"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.wo.weight", "blocks/ffn/wo/kernel", "transpose"),
+    ("encoder.final_layer_norm.weight", "final_norm/scale", "identity"),
+]
 
 
-def detect_umt5_layout(keys) -> str:
-  """"wan" or "hf" from a state dict's keys."""
-  keys = set(keys)
-  if "token_embedding.weight" in keys and "blocks.0.attn.q.weight" in keys:
-    return "wan"
-  if "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
-    return "hf"
-  raise ValueError("not a umT5 encoder state dict (expected Wan keys like 'blocks.0.attn.q.weight' or HF keys "
-                   "like 'encoder.block.0.layer.0.SelfAttention.q.weight'): pass models_t5_umt5-xxl-enc-bf16.pth "
-                   "or a UMT5EncoderModel checkpoint")
-
-
-def resolve_umt5_table(keys, layout: str | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
-  """(rules, ignored) for the state dict holding `keys`.
-
-  rules: the layout's table with each "a|b" alternative replaced by the key present (patterns
-  with "{i}" kept as they are); ignored: the keys of `keys` that the encoder does not use.
-  """
-  keys = set(keys)
-  layout = layout or detect_umt5_layout(keys)
-  if layout not in UMT5_TORCH_TABLES:
-    raise ValueError(f"unknown umT5 layout {layout!r}: use one of {sorted(UMT5_TORCH_TABLES)}")
-  rules = []
-  for pattern, path, transform in UMT5_TORCH_TABLES[layout]:
-    alternatives = pattern.split("|")
-    rules.append((next((a for a in alternatives if a in keys), alternatives[0]), path, transform))
-  chosen = {key for key, _, _ in rules}
-  ignored = sorted(k for k in keys if k not in chosen and k.startswith(UMT5_TORCH_IGNORED_PREFIXES[layout]))
-  return rules, ignored
-
-
-def umt5_config_from_shapes(shapes: Mapping[str, tuple], layout: str | None = None) -> UMT5Config:
-  """UMT5Config from {torch key: shape} of a Wan- or HF-layout encoder. max_distance and eps are
-  not stored in checkpoints and keep umT5's values (128, 1e-6)."""
-  rules, _ = resolve_umt5_table(shapes, layout)
+def _fields_from_shapes(shapes: Mapping[str, tuple], layout: str) -> dict:
+  """Config fields from {torch key: shape}. max_distance and eps are not stored in
+  checkpoints and keep umT5's values (128, 1e-6)."""
+  rules, _ = engine.resolve_rules(WEIGHTS, layout, None, shapes)
   key = {path: pattern for pattern, path, _ in rules}
   shape = lambda path, i=0: tuple(shapes[key[path].format(i=i)])
   num_layers = 0
   while key["blocks/attn/q/kernel"].format(i=num_layers) in shapes:
     num_layers += 1
+  if not num_layers:
+    raise ValueError(f"it has no {key['blocks/attn/q/kernel'].format(i=0)}")
   if key["blocks/attn/relative_attention_bias"].format(i=num_layers - 1) not in shapes:
     raise ValueError("the checkpoint has no relative position bias in its last layer: it is a T5 (one shared "
                      "bias), not a umT5 encoder; pass a umT5 checkpoint")
@@ -393,87 +350,42 @@ def umt5_config_from_shapes(shapes: Mapping[str, tuple], layout: str | None = No
   num_buckets, num_heads = shape("blocks/attn/relative_attention_bias")
   inner, _ = shape("blocks/attn/q/kernel")
   d_ff, _ = shape("blocks/ffn/wi_1/kernel")
-  return UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=inner // num_heads, d_ff=d_ff,
-                    num_layers=num_layers, num_heads=num_heads, num_buckets=num_buckets)
+  return dict(vocab_size=vocab_size, d_model=d_model, d_kv=inner // num_heads, d_ff=d_ff,
+              num_layers=num_layers, num_heads=num_heads, num_buckets=num_buckets)
 
 
-def _to_numpy(x) -> np.ndarray:
-  """numpy view of a torch tensor or array; torch bfloat16 becomes ml_dtypes bfloat16."""
-  if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-    x = x.detach().cpu()
-    if str(x.dtype) == "torch.bfloat16":
-      import torch
-      return x.view(torch.int16).numpy().view(jnp.bfloat16)
-    return x.numpy()
-  return np.asarray(x)
+# transformers' UMT5Config names -> ours.
+_HF_CONFIG = {"vocab_size": "vocab_size", "d_model": "d_model", "d_kv": "d_kv", "d_ff": "d_ff",
+              "num_layers": "num_layers", "num_heads": "num_heads",
+              "relative_attention_num_buckets": "num_buckets",
+              "relative_attention_max_distance": "max_distance", "layer_norm_epsilon": "eps"}
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, Any], layout: str | None = None,
-                                 dtype=None) -> dict:
-  """Torch state dict (Wan or HF layout) -> nested param dict of UMT5Encoder (numpy arrays).
-
-  dtype: cast every parameter to it (None keeps the checkpoint's dtype). Missing or unknown
-  keys raise.
-  """
-  layout = layout or detect_umt5_layout(state_dict.keys())
-  rules, ignored = resolve_umt5_table(state_dict.keys(), layout)
-  config = umt5_config_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()}, layout)
-  params, used = {}, set(ignored)
-  for pattern, path, transform in rules:
-    keys = [pattern.format(i=i) for i in range(config.num_layers)] if "{i}" in pattern else [pattern]
-    missing = [k for k in keys if k not in state_dict]
-    if missing:
-      raise ValueError(f"the {layout} umT5 state dict lacks {missing[0]!r}: the checkpoint is incomplete")
-    used.update(keys)
-    arrays = [UMT5_TRANSFORMS[transform](_to_numpy(state_dict[k])) for k in keys]
-    value = np.stack(arrays) if "{i}" in pattern else arrays[0]
-    node = params
-    *parents, leaf = path.split("/")
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value if dtype is None else value.astype(dtype)
-  unknown = [k for k in state_dict if k not in used]
-  if unknown:
-    raise ValueError(f"{len(unknown)} keys of the {layout} umT5 state dict have no place in the encoder "
-                     f"(first: {unknown[:3]}): is this a umT5 encoder checkpoint?")
-  return params
+def _fields_from_json(config: Mapping[str, Any]) -> dict | None:
+  """A transformers UMT5Config's config.json (model_type "umt5"); None for anything else."""
+  if config.get("model_type") != "umt5":
+    return None
+  return {ours: config[theirs] for theirs, ours in _HF_CONFIG.items() if config.get(theirs) is not None}
 
 
-# ----------------------------------------------------------------------------- building and loading
+def _build(config: UMT5Config, *, param_dtype, rngs, dtype=jnp.float32) -> "UMT5Encoder":
+  return UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def abstract_umt5(config: UMT5Config, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) -> UMT5Encoder:
-  """The encoder with ShapeDtypeStruct params (nothing allocated), for loading into."""
-  return nnx.eval_shape(lambda: UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-
-
-def umt5_param_structs(config: UMT5Config, param_dtype=jnp.bfloat16) -> dict:
-  """The encoder's param tree as nested ShapeDtypeStructs (the converter's target)."""
-  return nnx.to_pure_dict(nnx.state(abstract_umt5(config, param_dtype=param_dtype), nnx.Param))
-
-
-def umt5_from_params(config: UMT5Config, params: dict, *, dtype=jnp.bfloat16,
-                     param_dtype=jnp.bfloat16) -> UMT5Encoder:
-  """Builds the encoder around a nested param dict (e.g. from params_from_torch_state_dict)."""
-  graphdef, state = nnx.split(abstract_umt5(config, dtype=dtype, param_dtype=param_dtype))
-  shapes = lambda tree: {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  expected, got = shapes(nnx.to_pure_dict(state)), shapes(params)
-  if expected != got:
-    bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-    raise ValueError(f"params do not fit UMT5Encoder({config}): {bad[0]} has shape {got.get(bad[0])}, "
-                     f"expected {expected.get(bad[0])} ({len(bad)} mismatches); check the config")
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params))
-  return nnx.merge(graphdef, state)
+WEIGHTS = engine.ModelWeights(
+    kind="umt5", name="umT5 encoder", config_type=UMT5Config, build=_build,
+    layouts={
+        "wan": engine.Layout(_WAN_RULES, signature=("token_embedding.weight", "blocks.0.attn.q.weight",
+                                                     "blocks.0.pos_embedding.embedding.weight")),
+        # A full HF model's decoder and LM head are not the encoder's.
+        "hf": engine.Layout(_HF_RULES, signature=("encoder.block.0.layer.0.SelfAttention.q.weight",
+                                                   "shared.weight", "encoder.final_layer_norm.weight"),
+                            ignored=("decoder.", "lm_head.")),
+    },
+    fields_from_shapes=_fields_from_shapes, from_fields=UMT5Config.from_dict, fields_from_json=_fields_from_json,
+    presets=UMT5_PRESETS, make_hint="run: python convert_torch_weights.py SOURCE DIR --kind umt5")
 
 
 def load_umt5(ckpt_dir: str, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) -> UMT5Encoder:
-  """Loads an Orbax umT5 checkpoint written by the converter (t3_jax.weights.checkpoint, kind "umt5")."""
-  from t3_jax.weights import checkpoint
-
-  config = UMT5Config.from_dict(checkpoint.read_config(ckpt_dir, kind="umt5"))
-  graphdef, state = nnx.split(abstract_umt5(config, dtype=dtype, param_dtype=param_dtype))
-  params, _ = checkpoint.load_checkpoint(ckpt_dir, nnx.to_pure_dict(state), kind="umt5")
-  # Orbax restores to the abstract dtypes; the cast covers any checkpoint it leaves as saved.
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params))
-  return nnx.merge(graphdef, state)
+  """Loads an Orbax umT5 checkpoint written by the converter (kind "umt5")."""
+  return engine.load(WEIGHTS, ckpt_dir, param_dtype=param_dtype, dtype=dtype)

@@ -493,22 +493,17 @@ class Trainer:
     path = self.config.model.get("init_checkpoint", None)
     shardings = self.frozen_sharding if self.lora_alpha is not None else self.state_sharding["params"]
     if path:
-      from t3_jax.weights import checkpoint as checkpoint_lib
+      from t3_jax.weights import engine
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-      params, stored = checkpoint_lib.load_checkpoint(path, target, kind="dit")
+      params, stored = engine.restore_params(dit_lib.WEIGHTS, path, target)
       mismatch = {k: (stored.get(k), v) for k, v in self.dit_cfg.to_dict().items()
                   if k in stored and stored[k] != v}
       if mismatch:
         raise ValueError(f"{path} holds a different DiT ({mismatch}): set model.preset to match the checkpoint")
       return params
     log.warning("model.init_checkpoint is empty: training from a random initialisation")
-    model_cfg = self.config
-
-    def init():
-      model, _ = build_model(model_cfg, abstract=False)
-      return nnx.to_pure_dict(nnx.split(model)[1])
-
-    return jax.jit(init, out_shardings=shardings)()
+    from t3_jax.weights import engine
+    return engine.random_params(abstract, seed=self.config.seed, shardings=shardings)
 
   def initial_state(self) -> tuple[dict, dict]:
     """(train state, frozen params) of a fresh run."""

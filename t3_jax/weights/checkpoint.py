@@ -30,6 +30,12 @@ def _to_saveable(tree):
   return jax.tree.map(lambda x: np.asarray(x) if np.ndim(x) == 0 else x, tree)
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def check_output_dir(directory: str, overwrite: bool = False) -> None:
   """Fails where a checkpoint could not be written to `directory`: call it before the work
   that makes the checkpoint (loading models, reading a source)."""
@@ -56,6 +62,8 @@ def save_checkpoint(directory: str, params: dict, config: dict, overwrite: bool 
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
   try:
+    # mkdtemp makes 0700; the checkpoint gets the mode of any new folder (umask applied).
+    os.chmod(tmp, 0o777 & ~_umask())
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), _to_saveable(params))
     checkpointer.wait_until_finished()
