@@ -29,7 +29,7 @@ from t3_jax.models import dit
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 
-# diffusers -> Wan original key names (T3_REFERENCE.md section 6), written independently
+# diffusers -> Wan original key names (docs/T3.md section 6), written independently
 # of the converter's tables.
 DIFFUSERS_TO_ORIGINAL = [
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),

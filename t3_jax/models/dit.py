@@ -108,7 +108,7 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.2-ti2v-5b": DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
                                 in_channels=48, out_channels=48, family="wan2.2",
                                 per_token_timesteps=True),
-    # Tiny models for tests. Head sizes are multiples of 6 (see JAX_NOTES: RoPE split).
+    # Tiny models for tests. Head sizes are multiples of 6 (docs/T3.md section 5: RoPE split).
     "tiny-wan2.1": DiTConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32, freq_dim=64),
     "tiny-wan2.2": DiTConfig(dim=96, ffn_dim=192, num_heads=2, num_layers=2, in_channels=48,
                              out_channels=48, text_dim=32, freq_dim=64, family="wan2.2",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
-import logging
 import math
 import os
 import re
@@ -35,17 +34,12 @@ import numpy as np
 from flax import nnx
 
 from t3_jax.weights import engine
+from t3_jax.logs import warn_once
 
-log = logging.getLogger(__name__)
 
 PAD_ID = 0
 EOS_ID = 1
 TEXT_LENGTH = 512  # Wan's text_len: every prompt is padded to 512 tokens
-
-
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-  log.warning(message)
 
 
 # ----------------------------------------------------------------------------- config
@@ -271,7 +265,7 @@ def clean_prompt(text: str) -> str:
     import ftfy
     text = ftfy.fix_text(text)
   except ImportError:
-    _say_once("ftfy is not installed: prompts are cleaned without ftfy.fix_text (html unescape and "
+    warn_once("ftfy is not installed: prompts are cleaned without ftfy.fix_text (html unescape and "
               "whitespace only); `pip install ftfy` to match Wan exactly on mis-encoded text")
   text = html.unescape(html.unescape(text)).strip()
   return re.sub(r"\s+", " ", text).strip()

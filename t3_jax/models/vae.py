@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -38,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from t3_jax.weights import engine
+from t3_jax.logs import log
 
-logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -994,7 +993,7 @@ def _from_fields(fields: Mapping[str, Any]) -> VAEConfig:
     stats = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
     mean, std = stats.get(config.z_dim, ((), ()))
     if not mean:
-      logger.warning("VAE with z_dim=%d has no published latent statistics; normalize_latents will fail",
+      log.warning("VAE with z_dim=%d has no published latent statistics; normalize_latents will fail",
                      config.z_dim)
     config = dataclasses.replace(config, latents_mean=mean, latents_std=std)
   return config

@@ -27,10 +27,10 @@ import numpy as np
 from t3_jax import cli
 from t3_jax.weights import engine
 from t3_jax.weights.sources import WeightsError, open_source
+from t3_jax.logs import log
 
 ConversionError = WeightsError  # the converter's user errors (one line, names the fix)
 
-log = logging.getLogger(__name__)
 
 # The model kinds: each module declares its WEIGHTS (an engine.ModelWeights).
 KINDS = {"dit": "t3_jax.models.dit", "vae": "t3_jax.models.vae", "umt5": "t3_jax.models.umt5"}

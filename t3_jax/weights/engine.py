@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -36,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t3_jax.logs import log
 from t3_jax.weights import checkpoint as checkpoint_lib
 from t3_jax.weights.sources import (Shape, StateDictSource, TensorSource, WeightsError,  # noqa: F401
                                     open_source, strip_prefixes)
 
-log = logging.getLogger(__name__)
 
 Rule = tuple[str, str, str]  # (torch key pattern, param path, transform name)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes  # registers bfloat16 with numpy (safetensors' numpy reader needs it)
 import numpy as np
 
-log = logging.getLogger(__name__)
+from t3_jax.logs import log
+
 
 Shape = tuple[int, ...]
 
