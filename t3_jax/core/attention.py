@@ -84,10 +84,9 @@ def choose_implementation(implementation: str | None, dtype, head_dim: int, targ
 
 
 # The XLA kernel materialises [windows, heads, L, L] logits: above this many elements
-# (128 MiB in fp32) it runs over chunks of windows (a scan) so that memory stays bounded. The
-# XLA cross-attention (TPU, CPU) uses the same bound for its chunks of queries: at 4K on 32
-# v5e chips its [12, 21420, 512] fp32 logits were among the largest buffers.
-XLA_MAX_LOGITS = 1 << 25
+# it runs over chunks of windows (a scan) so that memory stays bounded. The XLA
+# cross-attention uses the same bound for its chunks of queries.
+XLA_MAX_LOGITS = 1 << 27
 
 
 def chunk_count(n: int, max_tokens: int) -> int:
