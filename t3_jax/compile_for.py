@@ -376,7 +376,6 @@ def compile_train(config, slice_name: str) -> dict:
   host_is_cpu()
   import jax.numpy as jnp
 
-  from t3_jax.parallel import mesh as mesh_lib
   from t3_jax.training import trainer
 
   devices = slice_devices(tpu_slice)
@@ -387,8 +386,7 @@ def compile_train(config, slice_name: str) -> dict:
                            dit_cfg.dim // dit_cfg.num_heads, mesh)
   program = trainer.train_program(config, mesh)
   grid = program.model.token_grid((1, *program.latent_shape))
-  # As train_program: microbatches 0 is one example per batch shard per forward.
-  microbatches = int(config.microbatches) or max(1, program.global_batch // mesh_lib.axis_size(mesh, "batch"))
+  microbatches = program.microbatches
   report = _slice_report("train", tpu_slice)
   report.update(mesh=_mesh_dict(mesh), variant=config.get("variant"), global_batch=program.global_batch,
                 rows_per_host=host_rows(program.batch_sharding["latents"], program.global_batch),

@@ -367,6 +367,7 @@ class TrainProgram:
   lora_alpha: float | None
   latent_shape: tuple
   global_batch: int
+  microbatches: int          # gradient accumulation steps, resolved (config 0: one example per batch shard)
   abstract_state: dict       # ShapeDtypeStructs carrying their shardings
   state_sharding: dict
   frozen_abstract: dict      # the frozen base parameters under LoRA (unsharded structs), else {}
@@ -435,7 +436,7 @@ def train_program(config, mesh: Mesh) -> TrainProgram:
                  out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   flops = global_batch * model_flops_per_example(model, dit_cfg, lshape, d.text_len)
   return TrainProgram(model=model, dit_cfg=dit_cfg, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                      lora_alpha=lora_alpha, latent_shape=lshape, global_batch=global_batch,
+                      lora_alpha=lora_alpha, latent_shape=lshape, global_batch=global_batch, microbatches=microbatches,
                       abstract_state=abstract_state, state_sharding=state_sharding,
                       frozen_abstract=frozen_abstract, frozen_sharding=frozen_sharding,
                       batch_sharding=batch_sharding, batch_spec=batch_spec, step=step, flops_per_step=flops)
